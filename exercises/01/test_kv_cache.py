@@ -1,0 +1,476 @@
+"""Exercise 01 specification: a KV cache for a Llama-style decoder with grouped-query attention.
+
+Correctness is checked against transformers' LlamaForCausalLM (built offline from a config with seeded weights) in
+float32 on the CPU; speed is judged on a GPU as ratios measured in the same run (thresholds.toml).
+"""
+
+import pytest
+import torch
+
+from fixtures.llama import Llama, build_hf_model, llama_config
+
+TOL = dict(atol=1e-4, rtol=1e-4)  # fp32 end to end: different summation orders only
+
+
+@pytest.fixture
+def kv(impl):
+    return impl("kv_cache")
+
+
+@pytest.fixture(scope="module")
+def hf_tiny():
+    return build_hf_model("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_tiny):
+    return Llama(hf_tiny)
+
+
+def hf_logits(hf_model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(ids).logits
+
+
+def random_ids(model, batch, tokens, seed=0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.vocab_size, (batch, tokens), generator=generator).to(device)
+
+
+def new_cache(kv, model, batch, capacity):
+    return kv.KVCache(model.num_layers, batch, capacity, model.num_kv_heads, model.head_dim, model.dtype, model.device)
+
+
+def close(actual, expected, what, **tol):
+    torch.testing.assert_close(actual, expected, **(tol or TOL), msg=lambda m: f"{what}\n{m}")
+
+
+# --- kv_cache_bytes: the memory formula ------------------------------------------------------------------------------
+
+
+def test_bytes_count_keys_and_values_of_every_layer_sequence_and_token(kv):
+    config = llama_config("small")  # 12 layers, 4 kv heads of 64 dims
+    got = kv.kv_cache_bytes(config, batch_size=4, seq_len=1000, dtype=torch.float16)
+    expected = 2 * 12 * 4 * 1000 * 4 * 64 * 2
+    assert got == expected, (
+        f"expected 2 (K and V) x 12 layers x 4 sequences x 1000 tokens x 4 kv heads x 64 dims x 2 bytes = {expected}, "
+        f"got {got}"
+    )
+
+
+def test_bytes_count_key_value_heads_not_query_heads(kv):
+    config = llama_config("small", num_attention_heads=16, num_key_value_heads=2)
+    got = kv.kv_cache_bytes(config, batch_size=1, seq_len=10, dtype=torch.float16)
+    expected = 2 * 12 * 10 * 2 * 64 * 2
+    assert got == expected, (
+        f"with grouped-query attention only the {config.num_key_value_heads} key/value heads are cached, not the "
+        f"{config.num_attention_heads} query heads: expected {expected}, got {got}"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_bytes_use_the_dtype_size(kv, dtype):
+    config = llama_config("small")
+    got = kv.kv_cache_bytes(config, batch_size=2, seq_len=7, dtype=dtype)
+    expected = 2 * 12 * 2 * 7 * 4 * 64 * dtype.itemsize
+    assert got == expected, f"a {dtype} element takes {dtype.itemsize} bytes: expected {expected}, got {got}"
+
+
+def test_bytes_read_head_dim_from_the_config(kv):
+    config = llama_config("small", head_dim=128)  # wider heads than hidden_size // num_attention_heads = 64
+    got = kv.kv_cache_bytes(config, batch_size=1, seq_len=1, dtype=torch.float16)
+    expected = 2 * 12 * 1 * 1 * 4 * 128 * 2
+    assert got == expected, f"config.head_dim is 128, not hidden_size // heads = 64: expected {expected}, got {got}"
+
+
+# --- KVCache: preallocated, written in place ---------------------------------------------------------------------
+
+
+def kv_pair(batch=2, heads=2, tokens=3, dim=4, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, heads, tokens, dim, generator=generator, dtype=dtype) for _ in range(2))
+
+
+def small_cache(kv, capacity=8):
+    return kv.KVCache(num_layers=3, batch_size=2, capacity=capacity, num_kv_heads=2, head_dim=4)
+
+
+def test_cache_is_allocated_once_at_full_capacity(kv):
+    cache = small_cache(kv)
+    assert tuple(cache.keys.shape) == (3, 2, 2, 8, 4) and tuple(cache.values.shape) == (3, 2, 2, 8, 4), (
+        f"keys and values must be [layers=3, batch=2, kv_heads=2, capacity=8, head_dim=4], got "
+        f"{list(cache.keys.shape)} and {list(cache.values.shape)}"
+    )
+    addresses = (cache.keys.data_ptr(), cache.values.data_ptr())
+    for step in range(4):
+        for layer in range(3):
+            cache.append(layer, *kv_pair(tokens=2 if step == 0 else 1, seed=step))
+        cache.advance(2 if step == 0 else 1)
+    assert (cache.keys.data_ptr(), cache.values.data_ptr()) == addresses, (
+        "the cache buffers were reallocated while appending: write into the preallocated tensors "
+        "(torch.cat onto the cache copies the whole cache every step)"
+    )
+    assert cache.capacity == 8, f"capacity: expected 8, got {cache.capacity}"
+
+
+def test_nbytes_is_the_formula_at_full_capacity(kv, tiny):
+    cache = new_cache(kv, tiny, batch=3, capacity=50)
+    expected = kv.kv_cache_bytes(tiny.config, 3, 50, tiny.dtype)
+    assert cache.nbytes == expected == 2 * 2 * 3 * 50 * 2 * 16 * 4, (
+        f"cache.nbytes should equal kv_cache_bytes(config, 3, 50, float32) = {2 * 2 * 3 * 50 * 2 * 16 * 4}; "
+        f"got nbytes {cache.nbytes}, formula {expected}"
+    )
+
+
+def test_append_writes_at_seq_len_and_returns_the_filled_prefix(kv):
+    cache = small_cache(kv)
+    k1, v1 = kv_pair(tokens=3, seed=1)
+    k2, v2 = kv_pair(tokens=2, seed=2)
+    keys, values = cache.append(1, k1, v1)
+    close(keys, k1, "after one append of 3 tokens, append must return exactly those 3 keys")
+    assert cache.seq_len == 0, f"append must not move seq_len (advance does), got seq_len {cache.seq_len}"
+    cache.advance(3)
+    keys, values = cache.append(1, k2, v2)
+    assert keys.shape[2] == 5, f"after 3 + 2 tokens the returned keys must cover 5 positions, got {keys.shape[2]}"
+    close(keys, torch.cat([k1, k2], dim=2), "keys at positions 0..4 must be the first 3 then the next 2 appended")
+    close(values, torch.cat([v1, v2], dim=2), "values at positions 0..4 must be the first 3 then the next 2 appended")
+    cache.advance(2)
+    assert cache.seq_len == 5, f"seq_len after advancing 3 then 2: expected 5, got {cache.seq_len}"
+    close(cache.keys[1, :, :, :5], torch.cat([k1, k2], dim=2), "the appended keys must be stored in cache.keys")
+
+
+def test_layers_do_not_share_storage(kv):
+    cache = small_cache(kv)
+    k, v = kv_pair(tokens=2, seed=3)
+    cache.append(0, k, v)
+    before = cache.keys[1:].clone(), cache.values[1:].clone()
+    cache.append(0, k * 2, v * 2)
+    close(cache.keys[1:], before[0], "appending to layer 0 must not touch layers 1 and 2")
+    close(cache.values[1:], before[1], "appending to layer 0 must not touch layers 1 and 2")
+
+
+def test_append_past_capacity_raises_and_changes_nothing(kv):
+    cache = small_cache(kv, capacity=4)
+    for layer in range(3):
+        cache.append(layer, *kv_pair(tokens=3, seed=4))
+    cache.advance(3)
+    snapshot = cache.keys.clone()
+    with pytest.raises(ValueError, match="capacity"):
+        cache.append(0, *kv_pair(tokens=2, seed=5))  # 3 stored + 2 > 4: silently writing past the end is the bug
+    assert cache.seq_len == 3 and torch.equal(cache.keys, snapshot), "a rejected append must leave the cache unchanged"
+    with pytest.raises(ValueError, match="capacity"):
+        cache.advance(2)
+    assert cache.seq_len == 3, f"a rejected advance must leave seq_len at 3, got {cache.seq_len}"
+
+
+BAD_APPENDS = {
+    "wrong batch": lambda k: k[:1],
+    "wrong kv heads": lambda k: torch.cat([k, k], dim=1),
+    "wrong head dim": lambda k: k[..., :3],
+    "missing batch dim": lambda k: k[0],
+    "wrong dtype": lambda k: k.double(),
+    "wrong device": lambda k: k.to("meta"),
+}
+
+
+@pytest.mark.parametrize("mistake", BAD_APPENDS)
+def test_append_rejects_bad_tensors_and_changes_nothing(kv, mistake):
+    cache = small_cache(kv)
+    k, v = kv_pair(tokens=2, seed=6)
+    snapshot = cache.keys.clone(), cache.values.clone()
+    bad = BAD_APPENDS[mistake]
+    with pytest.raises(ValueError):
+        cache.append(0, bad(k), bad(v))
+    assert cache.seq_len == 0 and torch.equal(cache.keys, snapshot[0]) and torch.equal(cache.values, snapshot[1]), (
+        f"append with {mistake} must raise ValueError before writing anything"
+    )
+
+
+def test_append_rejects_a_layer_out_of_range_and_mismatched_k_v(kv):
+    cache = small_cache(kv)
+    k, v = kv_pair(tokens=2, seed=7)
+    with pytest.raises(ValueError, match="layer"):
+        cache.append(3, k, v)
+    with pytest.raises(ValueError):
+        cache.append(0, k, v[:, :, :1])
+
+
+@pytest.mark.parametrize("bad", [dict(capacity=0), dict(num_kv_heads=-1), dict(head_dim=2.5)], ids=str)
+def test_constructor_rejects_bad_sizes(kv, bad):
+    sizes = dict(num_layers=1, batch_size=1, capacity=4, num_kv_heads=1, head_dim=4) | bad
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        kv.KVCache(**sizes)
+
+
+def test_reset_forgets_tokens_but_keeps_the_buffers(kv):
+    cache = small_cache(kv)
+    cache.append(0, *kv_pair(tokens=3, seed=8))
+    cache.advance(3)
+    address = cache.keys.data_ptr()
+    cache.reset()
+    assert cache.seq_len == 0, f"reset must set seq_len to 0, got {cache.seq_len}"
+    assert cache.keys.data_ptr() == address, "reset must keep the preallocated buffers (no reallocation)"
+    k, v = kv_pair(tokens=1, seed=9)
+    keys, _ = cache.append(0, k, v)
+    close(keys, k, "after reset, the next append starts at position 0")
+
+
+# --- RoPE and attention ----------------------------------------------------------------------------------------------
+
+
+def hf_rope(x, positions, theta):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    config = llama_config("tiny", rope_parameters={"rope_type": "default", "rope_theta": theta}, rope_theta=theta)
+    cos, sin = LlamaRotaryEmbedding(config)(x, positions[None])
+    return apply_rotary_pos_emb(x, x, cos, sin)[0]
+
+
+@pytest.mark.parametrize(
+    "positions", [torch.arange(0, 6), torch.arange(5, 13), torch.tensor([300])], ids=["prompt", "chunk", "decode"]
+)
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])
+def test_rope_matches_transformers(kv, positions, theta):
+    x = torch.randn(2, 3, len(positions), 16, generator=torch.Generator().manual_seed(10))
+    got = kv.apply_rope(x, positions, theta)
+    close(
+        got,
+        hf_rope(x, positions, theta),
+        f"RoPE at positions {positions.tolist()[:4]}... theta {theta}: pair dimension i with i + D/2 (not 2i with "
+        "2i+1), rotate by position * theta ** (-2i / D), use the absolute positions",
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def reference_attention(q, k, v):
+    """Causal GQA attention in float64, written out: query head h reads kv head h // G, bottom-right diagonal."""
+    q, k, v = q.double(), k.double(), v.double()
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    queries, keys = q.shape[2], k.shape[2]
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    visible = torch.ones(queries, keys, dtype=torch.bool).tril(diagonal=keys - queries)
+    return (scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v).float()
+
+
+def qkv(heads, kv_heads, queries, keys, seed):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = ((2, heads, queries, 8), (2, kv_heads, keys, 8), (2, kv_heads, keys, 8))
+    return tuple(torch.randn(*shape, generator=generator) for shape in shapes)
+
+
+def test_attention_query_heads_share_kv_heads_in_consecutive_groups(kv):
+    q, k, v = qkv(heads=8, kv_heads=2, queries=1, keys=6, seed=11)
+    close(
+        kv.attention(q, k, v),
+        reference_attention(q, k, v),
+        "with 8 query heads and 2 kv heads, query heads 0-3 read kv head 0 and 4-7 read kv head 1 "
+        "(h // 4, as repeat_interleave gives; not h % 2, as repeat gives)",
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_attention_causal_diagonal_is_at_the_bottom_right(kv):
+    q, k, v = qkv(heads=2, kv_heads=2, queries=3, keys=7, seed=12)
+    close(
+        kv.attention(q, k, v),
+        reference_attention(q, k, v),
+        "3 new queries over 7 keys are positions 4, 5, 6: query i sees keys 0..4+i. "
+        "SDPA's is_causal=True aligns the diagonal top-left when T < S",
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_attention_over_a_whole_prompt_is_causal(kv):
+    q, k, v = qkv(heads=4, kv_heads=1, queries=5, keys=5, seed=13)
+    close(kv.attention(q, k, v), reference_attention(q, k, v), "prompt attention: token i sees tokens 0..i only")
+
+
+# --- forward and generate against transformers --------------------------------------------------------------------
+
+
+@pytest.mark.points(2)
+def test_prefill_logits_match_transformers(kv, tiny, hf_tiny):
+    ids = random_ids(tiny, batch=2, tokens=9, seed=14)
+    cache = new_cache(kv, tiny, batch=2, capacity=16)
+    got = kv.forward(tiny, ids, cache)
+    close(got, hf_logits(hf_tiny, ids), "prefill logits [2, 9, 256] must match LlamaForCausalLM's")
+    assert cache.seq_len == 9, f"after a 9-token prefill the cache must hold 9 tokens, got seq_len {cache.seq_len}"
+
+
+@pytest.mark.points(2)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_logits_match_transformers_at_every_step(kv, tiny, hf_tiny, batch):
+    ids = random_ids(tiny, batch=batch, tokens=16, seed=15)
+    expected = hf_logits(hf_tiny, ids)
+    cache = new_cache(kv, tiny, batch=batch, capacity=16)
+    kv.forward(tiny, ids[:, :6], cache)
+    for position in range(6, 16):
+        got = kv.forward(tiny, ids[:, position : position + 1], cache)
+        close(
+            got[:, 0],
+            expected[:, position],
+            f"decode step at position {position}: logits differ from a full forward pass. Wrong from the first decode "
+            "step on: RoPE used position 0 instead of cache.seq_len. Wrong from the second on: the cache was not "
+            "advanced, so each step overwrote the last",
+        )
+
+
+def test_prefill_in_chunks_matches_one_pass(kv, tiny, hf_tiny):
+    ids = random_ids(tiny, batch=2, tokens=9, seed=16)
+    expected = hf_logits(hf_tiny, ids)
+    cache = new_cache(kv, tiny, batch=2, capacity=9)
+    start = 0
+    for size in (5, 3, 1):
+        got = kv.forward(tiny, ids[:, start : start + size], cache)
+        close(
+            got,
+            expected[:, start : start + size],
+            f"chunk of {size} tokens at positions {start}..{start + size - 1} after {start} cached: each new token "
+            "attends to every cached token and the new ones before it (causal diagonal at the bottom right)",
+        )
+        start += size
+
+
+def hf_greedy(hf_model, ids, steps):
+    """Greedy decoding with a full forward pass per token: slow, obviously right."""
+    for _ in range(steps):
+        ids = torch.cat([ids, hf_logits(hf_model, ids)[:, -1:].argmax(-1)], dim=1)
+    return ids[:, -steps:]
+
+
+@pytest.mark.points(2)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_generate_matches_transformers_greedy(kv, tiny, hf_tiny, batch):
+    ids = random_ids(tiny, batch=batch, tokens=7, seed=17)
+    prompt = ids.clone()
+    got = kv.generate(tiny, ids, max_new_tokens=12)
+    expected = hf_greedy(hf_tiny, ids, 12)
+    assert got.shape == (batch, 12) and got.dtype == torch.int64, (
+        f"generate must return the 12 new tokens as [{batch}, 12] int64, got {list(got.shape)} {got.dtype}"
+    )
+    assert torch.equal(got, expected), f"greedy tokens differ from transformers:\nexpected {expected}\ngot      {got}"
+    assert torch.equal(ids, prompt), "generate must not modify the prompt tensor"
+
+
+BAD_GENERATE = {
+    "float ids": lambda ids: (ids.float(), 4),
+    "1-d ids": lambda ids: (ids[0], 4),
+    "no new tokens": lambda ids: (ids, 0),
+    "past max positions": lambda ids: (ids, 512),
+    "id outside vocab": lambda ids: (ids + 256, 4),
+}
+
+
+@pytest.mark.parametrize("mistake", BAD_GENERATE)
+def test_generate_rejects_bad_input(kv, tiny, mistake):
+    ids, new = BAD_GENERATE[mistake](random_ids(tiny, batch=1, tokens=5, seed=18))
+    with pytest.raises(ValueError):
+        kv.generate(tiny, ids, max_new_tokens=new)
+
+
+# --- speed (GPU): ratios measured in this run, thresholds in thresholds.toml ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_small():
+    return build_hf_model("small", seed=0, dtype=torch.float16, device="cuda")
+
+
+@pytest.fixture(scope="module")
+def small(hf_small):
+    return Llama(hf_small)
+
+
+def check_tokens(model, batch, count):
+    def check(tokens, *args, **kwargs):
+        assert tokens.shape == (batch, count), f"expected [{batch}, {count}] tokens, got {list(tokens.shape)}"
+        assert 0 <= int(tokens.min()) and int(tokens.max()) < model.vocab_size, "token ids outside the vocabulary"
+
+    return check
+
+
+@pytest.mark.speed
+@pytest.mark.points(2)
+def test_cached_generate_beats_recomputing_the_prefix(kv, small, speed):
+    batch, prompt_len, new = 32, 512, 32
+
+    def recompute(model, ids, steps):
+        for _ in range(steps):
+            cache = new_cache(kv, model, batch, ids.shape[1])
+            ids = torch.cat([ids, kv.forward(model, ids, cache)[:, -1:].argmax(-1)], dim=1)
+        return ids[:, -steps:]
+
+    def setup():
+        return (
+            small,
+            random_ids(small, batch, prompt_len, seed=int(torch.randint(1 << 30, ())), device="cuda"),
+            new,
+        ), {}
+
+    baseline = speed.time(recompute, setup, rounds=3, warmup=1, check=check_tokens(small, batch, new))
+    cached = speed.bench(kv.generate, setup, rounds=5, warmup=1, check=check_tokens(small, batch, new))
+    speed.judge(
+        "speedup_over_recompute",
+        baseline.median / cached.median,
+        detail=f"generate {batch * new / cached.median:.0f} tokens/s, recomputing {batch * new / baseline.median:.0f}",
+    )
+
+
+@pytest.mark.speed
+def test_decode_step_time_stays_flat_as_the_context_grows(kv, small, speed):
+    capacity = 4096
+    cache = new_cache(kv, small, 1, capacity)
+    kv.forward(small, random_ids(small, 1, capacity - 1, seed=19, device="cuda"), cache)
+
+    def at_context(tokens):
+        def setup():
+            cache.seq_len = tokens  # rewind: the step writes position `tokens` and attends over 0..tokens
+            return (small, random_ids(small, 1, 1, seed=tokens, device="cuda"), cache), {}
+
+        return setup
+
+    def check(logits, *args):
+        assert logits.shape == (1, 1, small.vocab_size) and bool(logits.isfinite().all()), "bad decode logits"
+
+    early = speed.time(kv.forward, at_context(64), rounds=30, warmup=5, check=check)
+    late = speed.bench(kv.forward, at_context(capacity - 1), rounds=30, warmup=5, check=check)
+    speed.judge(
+        "late_over_early_decode_step",
+        late.median / early.median,
+        detail=f"step at context {capacity - 1}: {late.median * 1e6:.0f} us, at 64: {early.median * 1e6:.0f} us",
+    )
+
+
+@pytest.mark.speed
+def test_generate_beats_transformers_generate(kv, small, hf_small, speed):
+    batch, prompt_len, new = 1, 128, 128
+
+    def setup():
+        return (random_ids(small, batch, prompt_len, seed=int(torch.randint(1 << 30, ())), device="cuda"),), {}
+
+    def hf_generate(ids):
+        mask = torch.ones_like(ids)
+        return hf_small.generate(
+            ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+        )
+
+    def check_greedy(tokens, ids):
+        check_tokens(small, batch, new)(tokens)
+        # Each token must be the argmax of the model's logits up to fp16 noise: compare with a full forward pass.
+        logits = hf_logits(hf_small, torch.cat([ids, tokens], dim=1))[:, prompt_len - 1 : -1].float()
+        chosen = logits.gather(-1, tokens[..., None]).squeeze(-1)
+        gap = logits.max(-1).values - chosen
+        tolerance = 0.1 * logits.std()
+        assert bool((gap <= tolerance).all()), f"generated tokens are not greedy: worst logit gap {gap.max():.3f}"
+
+    hf = speed.time(hf_generate, setup, rounds=3, warmup=1)
+    ours = speed.bench(lambda ids: kv.generate(small, ids, new), setup, rounds=5, warmup=1, check=check_greedy)
+    speed.judge(
+        "speedup_over_hf_generate",
+        hf.median / ours.median,
+        detail=f"generate {batch * new / ours.median:.0f} tokens/s, transformers {batch * new / hf.median:.0f}",
+    )

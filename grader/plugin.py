@@ -1,0 +1,179 @@
+"""pytest hooks and fixtures of the grader: options, markers, implementation loading, skips, reports.
+
+Markers:
+    points(n)       the test is worth n points (default 1)
+    gpu             needs a CUDA GPU; skipped without one
+    speed           judged against a threshold in the exercise's thresholds.toml (implies gpu)
+    exercise("NN")  the exercise a test belongs to, for tests that live outside exercises/NN/
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from . import device
+from .impl import IMPL_CHOICES, ImplementationError, Implementations
+from .scoring import Scoreboard
+from .speed import Speed
+from .timing import cuda_event_clock
+
+IMPLS = pytest.StashKey[Implementations]()
+SCORES = pytest.StashKey[Scoreboard]()
+STARTED = pytest.StashKey[float]()
+INTERPRETER = pytest.StashKey[bool]()
+
+MARKERS = (
+    "points(n): the test is worth n points (default 1)",
+    "gpu: needs a CUDA GPU; skipped without one",
+    "speed: judged against a threshold from the exercise's thresholds.toml; needs a CUDA GPU",
+    'exercise(id): the exercise a test belongs to, e.g. exercise("01"), for tests outside exercises/NN/',
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("inferlab", "inferlab grading")
+    group.addoption(
+        "--impl",
+        choices=IMPL_CHOICES,
+        default=None,
+        help="which code the exercise tests exercise: the student's stubs (default) or the reference solutions; "
+        "also settable as $INFERLAB_IMPL",
+    )
+    group.addoption(
+        "--solutions",
+        metavar="PATH",
+        default=None,
+        help="solutions tree for --impl=solution (default: ./solutions; also $INFERLAB_SOLUTIONS)",
+    )
+    group.addoption("--results", metavar="PATH", default=None, help="write Gradescope's results.json here")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for marker in MARKERS:
+        config.addinivalue_line("markers", marker)
+    interpreter = device.use_interpreter_without_cuda()
+    impls = Implementations.from_options(config.rootpath, config.getoption("impl"), config.getoption("solutions"))
+    config.stash[IMPLS] = impls
+    config.stash[SCORES] = Scoreboard(impls.kind)
+    config.stash[STARTED] = time.time()
+    config.stash[INTERPRETER] = interpreter
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    impls = config.stash[IMPLS]
+    lines = device.header_lines(interpreter=config.stash[INTERPRETER])
+    lines.append(f"inferlab: grading the {impls.kind} implementation ({impls.root})")
+    return lines
+
+
+def exercise_of(item: pytest.Item) -> str | None:
+    marker = item.get_closest_marker("exercise")
+    if marker is not None:
+        return str(marker.args[0])
+    try:
+        parts = item.path.relative_to(item.config.rootpath).parts
+    except ValueError:
+        return None
+    if len(parts) > 2 and parts[0] == "exercises":
+        return parts[1]
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        needs_gpu = item.get_closest_marker("gpu") or item.get_closest_marker("speed")
+        if needs_gpu and not device.cuda_available():
+            item.add_marker(pytest.mark.skip(reason=device.NO_GPU_REASON))
+        if "speed" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.benchmark(timer=cuda_event_clock, group=f"exercise {exercise_of(item)}"))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Register what will run (after -k/-m deselection), so the score counts exactly the selected tests."""
+    scores = session.config.stash[SCORES]
+    for item in session.items:
+        exercise = exercise_of(item)
+        if exercise is not None:
+            points = item.get_closest_marker("points")
+            scores.add(item.nodeid, exercise, item.name, float(points.args[0]) if points else 1.0)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if call.excinfo is not None and call.excinfo.errisinstance(NotImplementedError):
+        entry = call.excinfo.traceback[-1]
+        where = f"{Path(entry.path).name}:{entry.lineno + 1} in {entry.name}()"
+        report.longrepr = f"not implemented yet: {where}\n{call.excinfo.value}"
+    if report.failed or report.skipped or report.when == "call":
+        message = report.longreprtext if not report.skipped else f"skipped: {_skip_reason(report)}"
+        item.config.stash[SCORES].record_phase(item.nodeid, report.outcome, message)
+    return report
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    if isinstance(report.longrepr, tuple) and len(report.longrepr) == 3:
+        return str(report.longrepr[2]).removeprefix("Skipped: ")
+    return str(report.longrepr)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    scores = config.stash[SCORES]
+    score_lines = scores.score_lines()
+    if not score_lines:
+        return
+    terminalreporter.write_sep("=", f"inferlab score ({scores.impl} implementation)")
+    for line in score_lines:
+        terminalreporter.write_line(line)
+    speed_lines = scores.speed_lines()
+    if speed_lines:
+        terminalreporter.write_sep("-", "speed (ratios measured in this run; roofline = fraction of copy bandwidth)")
+        for line in speed_lines:
+            terminalreporter.write_line(line)
+    failed = sorted({t.exercise for t in scores.tests.values() if t.outcome == "failed"})
+    if failed:
+        details = " ".join(f"exercises/{e}" for e in failed)
+        terminalreporter.write_line(
+            f"what to fix: pytest {details}" + (" --impl=solution" if scores.impl == "solution" else "")
+        )
+    results = config.getoption("results")
+    if results:
+        terminalreporter.write_line(f"results written to {results}")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    results = session.config.getoption("results")
+    if results:
+        elapsed = time.time() - session.config.stash[STARTED]
+        session.config.stash[SCORES].write_gradescope(Path(results), elapsed)
+
+
+@pytest.fixture
+def impl(request: pytest.FixtureRequest):
+    """`impl("kv_cache")` is the module under test: the student's or the solution's, by --impl."""
+    impls = request.config.stash[IMPLS]
+    exercise = exercise_of(request.node) or request.path.parent.name
+
+    def load(module: str):
+        try:
+            return impls.load(exercise, module)
+        except ImplementationError as exc:
+            pytest.fail(str(exc), pytrace=False)
+
+    return load
+
+
+@pytest.fixture
+def speed(request: pytest.FixtureRequest, benchmark) -> Speed:
+    """Times GPU work with CUDA events and judges it against the exercise's thresholds.toml."""
+    if not device.cuda_available():
+        pytest.skip(device.NO_GPU_REASON)
+    if benchmark.disabled:
+        pytest.skip("speed not graded: benchmarks are disabled (--benchmark-disable, or pytest-xdist is running)")
+    exercise = exercise_of(request.node) or request.path.parent.name
+    thresholds = request.config.rootpath / "exercises" / exercise / "thresholds.toml"
+    impls = request.config.stash[IMPLS]
+    return Speed(request.node.nodeid, benchmark, impls.kind, thresholds, request.config.stash[SCORES])

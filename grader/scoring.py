@@ -1,0 +1,152 @@
+"""Points and verdicts: what each graded test earned, the end-of-run tables, and Gradescope's results.json.
+
+A graded test is any test that belongs to an exercise (it lives under `exercises/NN/` or carries
+`@pytest.mark.exercise("NN")`). It is worth `@pytest.mark.points(n)` points (1 by default), earned only if every
+phase passed. A skipped test (a speed test without a GPU) is neither earned nor possible, so a CPU run grades out of
+the correctness points alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .thresholds import Threshold
+
+MESSAGE_LIMIT = 4000
+
+
+@dataclass
+class SpeedResult:
+    threshold: Threshold
+    measured: float
+    passed: bool
+    roofline: float | None = None  # fraction of the measured copy bandwidth (or compute peak), if it applies
+    detail: str = ""
+
+
+@dataclass
+class TestResult:
+    nodeid: str
+    exercise: str
+    name: str
+    points: float
+    outcome: str = "passed"  # passed, failed or skipped
+    message: str = ""
+    speed: list[SpeedResult] = field(default_factory=list)
+
+    @property
+    def earned(self) -> float:
+        return self.points if self.outcome == "passed" else 0.0
+
+    @property
+    def possible(self) -> float:
+        return 0.0 if self.outcome == "skipped" else self.points
+
+
+@dataclass
+class ExerciseTotal:
+    earned: float = 0.0
+    possible: float = 0.0
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+
+class Scoreboard:
+    def __init__(self, impl: str):
+        self.impl = impl
+        self.tests: dict[str, TestResult] = {}
+
+    def add(self, nodeid: str, exercise: str, name: str, points: float) -> None:
+        self.tests[nodeid] = TestResult(nodeid, exercise, name, points)
+
+    def record_phase(self, nodeid: str, outcome: str, message: str) -> None:
+        test = self.tests.get(nodeid)
+        if test is None or test.outcome == "failed":
+            return
+        if outcome == "failed" or (outcome == "skipped" and test.outcome != "failed"):
+            test.outcome, test.message = outcome, message[:MESSAGE_LIMIT]
+
+    def record_speed(self, nodeid: str, result: SpeedResult) -> None:
+        if nodeid in self.tests:
+            self.tests[nodeid].speed.append(result)
+
+    def totals(self) -> dict[str, ExerciseTotal]:
+        totals: dict[str, ExerciseTotal] = {}
+        for test in self.tests.values():
+            total = totals.setdefault(test.exercise, ExerciseTotal())
+            total.earned += test.earned
+            total.possible += test.possible
+            setattr(total, test.outcome, getattr(total, test.outcome) + 1)
+        return dict(sorted(totals.items()))
+
+    def score_lines(self) -> list[str]:
+        totals = self.totals()
+        if not totals:
+            return []
+        lines = [f"{'exercise':<10}{'points':>14}{'passed':>8}{'failed':>8}{'skipped':>9}"]
+        for exercise, t in totals.items():
+            lines.append(f"{exercise:<10}{_pts(t.earned, t.possible):>14}{t.passed:>8}{t.failed:>8}{t.skipped:>9}")
+        earned = sum(t.earned for t in totals.values())
+        possible = sum(t.possible for t in totals.values())
+        lines.append(f"{'total':<10}{_pts(earned, possible):>14}")
+        return lines
+
+    def speed_lines(self) -> list[str]:
+        rows = [(t, s) for t in self.tests.values() for s in t.speed]
+        if not rows:
+            return []
+        lines = [f"{'test':<44}{'measured':>11}{'roofline':>10}{'threshold':>12}  verdict"]
+        for test, s in rows:
+            roof = f"{s.roofline:.0%}" if s.roofline is not None else "-"
+            bar = f"{s.threshold.symbol} {s.threshold.value:g}"
+            verdict = "pass" if s.passed else "FAIL"
+            lines.append(f"{test.exercise + ' ' + test.name:<44.44}{s.measured:>11.3g}{roof:>10}{bar:>12}  {verdict}")
+        return lines
+
+    def gradescope(self, execution_time: float) -> dict:
+        tests = []
+        for number, test in enumerate(self.tests.values(), start=1):
+            output = test.message if test.outcome != "passed" else ""
+            output += "".join(f"\n{s.threshold.what}: {s.measured:.3g} ({s.detail})" for s in test.speed)
+            tests.append(
+                {
+                    "name": f"{test.exercise} {test.name}",
+                    "number": str(number),
+                    "score": test.earned,
+                    "max_score": test.possible,
+                    "output": output.strip(),
+                    "tags": [test.exercise] + (["speed"] if test.speed else []),
+                    "visibility": "visible",
+                }
+            )
+        leaderboard = [
+            {"name": f"{t.exercise} {s.threshold.name}", "value": round(s.measured, 4), "order": _order(s)}
+            for t in self.tests.values()
+            for s in t.speed
+        ]
+        result = {
+            "score": sum(t.earned for t in self.tests.values()),
+            "execution_time": round(execution_time, 1),
+            "output": "\n".join(self.score_lines()),
+            "visibility": "visible",
+            "stdout_visibility": "visible",
+            "tests": tests,
+        }
+        if leaderboard:
+            result["leaderboard"] = leaderboard
+        return result
+
+    def write_gradescope(self, path: Path, execution_time: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.gradescope(execution_time), indent=2) + "\n")
+
+
+def _pts(earned: float, possible: float) -> str:
+    return f"{earned:g} / {possible:g}"
+
+
+def _order(result: SpeedResult) -> str:
+    return "desc" if result.threshold.compare == "at_least" else "asc"

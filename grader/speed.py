@@ -1,0 +1,100 @@
+"""The `speed` fixture: times GPU work the same way in every exercise and judges it against a threshold.
+
+    def test_dequant_bandwidth(impl, speed):
+        timing = speed.bench(kernel, setup=fresh_inputs, check=compare_with_reference)
+        fraction = speed.bandwidth_fraction(timing, nbytes)
+        speed.judge("dequant_bandwidth_fraction", fraction, roofline=fraction)
+
+`bench` is the test's main measurement: it goes through pytest-benchmark (so `--benchmark-json` carries it) with a
+CUDA-event clock. `time` measures baselines in the same test with the same method. Both call `setup()` for fresh
+inputs before every call, flush L2 outside the timed region, warm up first, and hand every timed result to
+`check`, so a fast wrong answer never passes. Thresholds come from the exercise's thresholds.toml, never seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from . import device
+from .scoring import Scoreboard, SpeedResult
+from .thresholds import resolve
+from .timing import L2Flusher, Timing, copy_bandwidth, time_calls
+
+Setup = Callable[[], tuple[tuple, dict]]
+
+_session_bandwidth: list[float] = []
+
+
+def session_copy_bandwidth() -> float:
+    """Measured once per session, the first time a speed test needs it."""
+    if not _session_bandwidth:
+        _session_bandwidth.append(copy_bandwidth())
+    return _session_bandwidth[0]
+
+
+class Speed:
+    def __init__(self, nodeid: str, benchmark, impl: str, thresholds: Path, scoreboard: Scoreboard):
+        self.nodeid = nodeid
+        self.benchmark = benchmark
+        self.impl = impl
+        self.thresholds = thresholds
+        self.scoreboard = scoreboard
+        self.flush = L2Flusher()
+
+    @property
+    def gpu(self) -> str:
+        return device.gpu_name()
+
+    @property
+    def copy_bandwidth(self) -> float:
+        """Bytes/s of a device-to-device copy (read + write), measured at the first speed test of the session."""
+        bandwidth = session_copy_bandwidth()
+        self.benchmark.extra_info["copy_bandwidth_bytes_per_s"] = bandwidth
+        return bandwidth
+
+    def time(self, fn: Callable, setup: Setup, *, rounds: int = 20, warmup: int = 3, check=None) -> Timing:
+        """Time a baseline: same method as `bench`, not reported to pytest-benchmark."""
+        return time_calls(fn, setup, self.flush, rounds=rounds, warmup=warmup, check=check)
+
+    def bench(self, fn: Callable, setup: Setup, *, rounds: int = 20, warmup: int = 3, check=None) -> Timing:
+        """Time the code under test through pytest-benchmark; every timed result goes through `check`."""
+        results = []
+
+        def timed(*args, **kwargs):
+            results.append(fn(*args, **kwargs))
+
+        def setup_then_flush():
+            args, kwargs = setup()
+            self.flush()
+            return args, kwargs
+
+        def teardown(*args, **kwargs):
+            result = results.pop()
+            if check is not None:
+                check(result, *args, **kwargs)
+
+        self.benchmark.pedantic(timed, setup=setup_then_flush, teardown=teardown, rounds=rounds, warmup_rounds=warmup)
+        return Timing(list(self.benchmark.stats.stats.data))
+
+    def bandwidth_fraction(self, timing: Timing, nbytes: int) -> float:
+        achieved = nbytes / timing.median
+        fraction = achieved / self.copy_bandwidth
+        self.benchmark.extra_info.update(bytes=nbytes, bytes_per_s=achieved, roofline_fraction=fraction)
+        return fraction
+
+    def judge(self, name: str, measured: float, *, roofline: float | None = None, detail: str = "") -> None:
+        """Record `measured` against the threshold `name` and fail the test with a clear message if it misses."""
+        threshold = resolve(self.thresholds, name, self.impl, self.gpu)
+        passed = threshold.passes(measured)
+        self.scoreboard.record_speed(self.nodeid, SpeedResult(threshold, measured, passed, roofline, detail))
+        self.benchmark.extra_info[name] = measured
+        self.benchmark.extra_info[f"{name}_threshold"] = f"{threshold.symbol} {threshold.value:g}"
+        if not passed:
+            pytest.fail(
+                f"{threshold.what}: measured {measured:.3g}, needs {threshold.symbol} {threshold.value:g} "
+                f"(threshold {threshold.source}, GPU {self.gpu}). {detail}".strip(),
+                pytrace=False,
+            )

@@ -12,6 +12,7 @@ is a grade, not an error (`--strict` exits 1 on any failure instead).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--solutions", metavar="PATH", help="private solutions tree for --impl solution")
     parser.add_argument("--results", metavar="PATH", help="write Gradescope's results.json here")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any graded test fails")
-    parser.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: passed to pytest")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    pytest_args = argv[split + 1 :]
 
     exercises = args.exercises or _all_exercises()
     missing = [e for e in exercises if not (ROOT / "exercises" / e).is_dir()]
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         command.append(f"--solutions={args.solutions}")
     if args.results:
         command.append(f"--results={args.results}")
-    command += [a for a in args.pytest_args if a != "--"]
+    command += pytest_args
     code = pytest.main(command)
     if code not in GRADED:
         return int(code)

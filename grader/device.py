@@ -8,6 +8,7 @@ a kernel is decorated, so it must be set before any exercise module is imported:
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 
 NO_GPU_REASON = "speed not graded on this hardware: no CUDA GPU"
@@ -71,22 +72,19 @@ def _current_device_index() -> int:
 
 def header_lines(interpreter: bool) -> list[str]:
     lines = []
-    try:
-        import torch
-
-        versions = f"torch {torch.__version__}"
-    except ImportError:
-        versions = "torch not installed"
-    try:
-        import triton
-
-        versions += f", triton {triton.__version__}"
-    except ImportError:
-        versions += ", triton not installed"
     if cuda_available():
         lines.append(f"gpu: {gpu_name()}")
         lines.extend(_nvml_lines())
     else:
         lines.append("gpu: no CUDA GPU (correctness is graded; speed tests are skipped)")
+    # Versions from package metadata: importing triton here would load its native module before the tests need it.
+    versions = ", ".join(f"{name} {_version(name)}" for name in ("torch", "triton", "transformers"))
     lines.append(f"{versions}; triton interpreter {'on' if interpreter else 'off'}")
     return lines
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"

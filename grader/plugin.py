@@ -161,9 +161,19 @@ def impl(request: pytest.FixtureRequest):
         try:
             return impls.load(exercise, module)
         except ImplementationError as exc:
-            pytest.fail(str(exc), pytrace=False)
+            return Unavailable(str(exc))
 
     return load
+
+
+class Unavailable:
+    """Stands in for a module that could not be loaded: the first use fails the test (not its setup) and says why."""
+
+    def __init__(self, reason: str):
+        self._reason = reason
+
+    def __getattr__(self, name: str):
+        pytest.fail(self._reason, pytrace=False)
 
 
 @pytest.fixture

@@ -396,7 +396,7 @@ def check_tokens(model, batch, count):
 @pytest.mark.speed
 @pytest.mark.points(2)
 def test_cached_generate_beats_recomputing_the_prefix(kv, small, speed):
-    batch, prompt_len, new = 32, 512, 32
+    batch, prompt_len, new = 64, 512, 32
 
     def recompute(model, ids, steps):
         for _ in range(steps):

@@ -104,12 +104,20 @@ def kv_cache_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype) ->
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotate x [B, heads, T, D] by its absolute positions [T] (Llama's half-split pairing: i with i + D/2)."""
-    head_dim = x.shape[-1]
-    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=x.device, dtype=torch.float32) / head_dim)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    first, second = x[..., : head_dim // 2], x[..., head_dim // 2 :]
-    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+    return _rotate(x, *_rope_tables(positions, x.shape[-1], theta, x.dtype))
+
+
+def _rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, D] of every position's angles, each half repeated so one multiply covers both halves."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -133,12 +141,12 @@ def forward(model, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     _check_ids(model, input_ids)
     tokens = input_ids.shape[1]
     positions = torch.arange(cache.seq_len, cache.seq_len + tokens, device=input_ids.device)
+    cos, sin = _rope_tables(positions, model.head_dim, model.rope_theta, model.dtype)  # once for all layers
     hidden = model.embed(input_ids)
     for layer in range(model.num_layers):
         q, k, v = model.attention_input(layer, hidden)
-        q, k = apply_rope(q, positions, model.rope_theta), apply_rope(k, positions, model.rope_theta)
-        keys, values = cache.append(layer, k, v)
-        hidden = model.attention_output(layer, hidden, attention(q, keys, values))
+        keys, values = cache.append(layer, _rotate(k, cos, sin), v)
+        hidden = model.attention_output(layer, hidden, attention(_rotate(q, cos, sin), keys, values))
         hidden = model.mlp(layer, hidden)
     cache.advance(tokens)
     return model.logits(hidden)
@@ -174,10 +182,11 @@ def _decode_with_graph(model, cache: KVCache, out: torch.Tensor) -> None:
     prompt_len = cache.seq_len
     position = torch.tensor(prompt_len, device=out.device)  # position of the token being fed
     slots = torch.arange(cache.capacity, device=out.device)
+    tables = _rope_tables(slots, model.head_dim, model.rope_theta, model.dtype)  # every position, computed once
 
     def step():
         token = out.index_select(1, (position - prompt_len).view(1))  # [B, 1], the last token produced
-        logits = _graph_step(model, cache, token, position, slots)
+        logits = _graph_step(model, cache, token, position, slots, tables)
         out.index_copy_(1, (position - prompt_len + 1).view(1), logits[:, -1].argmax(-1, keepdim=True))
         position.add_(1)
 
@@ -195,24 +204,37 @@ def _decode_with_graph(model, cache: KVCache, out: torch.Tensor) -> None:
     cache.seq_len = prompt_len + out.shape[1] - 1
 
 
-def _graph_step(model, cache: KVCache, token, position, slots) -> torch.Tensor:
-    """One decode step with no Python ints that change between steps: safe to capture in a CUDA graph."""
+def _graph_step(model, cache: KVCache, token, position, slots, tables) -> torch.Tensor:
+    """One decode step with no Python ints that change between steps: safe to capture in a CUDA graph.
+
+    Fewer, larger kernels than `forward`: every kernel in a graph still costs a few microseconds, and a decode step
+    of a small model is hundreds of them. RoPE rotates q and k in one pass (they are adjacent heads of the fused
+    projection) and the mask is built once per step, not once per layer.
+    """
     positions = position.view(1)
-    visible = slots <= position  # [capacity]: attend to the cache up to and including this token
-    hidden = model.embed(token)
-    groups = model.num_heads // model.num_kv_heads
+    cos, sin = (table.index_select(0, positions) for table in tables)
+    hidden_mask = torch.where(slots <= position, 0.0, float("-inf")).to(model.dtype)  # [capacity]
+    heads, kv_heads, dim = model.num_heads, model.num_kv_heads, model.head_dim
     batch = token.shape[0]
+    hidden = model.embed(token)
     for layer in range(model.num_layers):
         q, k, v = model.attention_input(layer, hidden)
-        q, k = apply_rope(q, positions, model.rope_theta), apply_rope(k, positions, model.rope_theta)
+        # q and k are adjacent heads of one projection output: one strided view covers both.
+        q, k = _rotate(q.as_strided((batch, heads + kv_heads, 1, dim), q.stride()), cos, sin).split(
+            [heads, kv_heads], dim=1
+        )
         keys, values = cache.keys[layer], cache.values[layer]
         keys.index_copy_(2, positions, k)
         values.index_copy_(2, positions, v)
-        # Grouped queries as rows of one matrix per kv head: no copy of keys per query head.
-        grouped = q.reshape(batch, model.num_kv_heads, groups, model.head_dim)
-        scores = (grouped @ keys.transpose(-1, -2)) * model.head_dim**-0.5
-        scores = scores.masked_fill(~visible, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
-        attended = (scores @ values).view(batch, model.num_heads, 1, model.head_dim)
+        # Grouped queries as rows of one matrix per kv head: query head h = kv head h // G, no copy of the keys.
+        grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim) * dim**-0.5
+        scores = torch.baddbmm(
+            hidden_mask.expand(batch * kv_heads, heads // kv_heads, -1),
+            grouped.flatten(0, 1),
+            keys.flatten(0, 1).transpose(-1, -2),
+        )
+        probs = scores.softmax(-1)
+        attended = (probs @ values.flatten(0, 1)).view(batch, heads, 1, dim)
         hidden = model.attention_output(layer, hidden, attended)
         hidden = model.mlp(layer, hidden)
     return model.logits(hidden)

@@ -1,0 +1,155 @@
+"""The grader plugin, end to end, on throwaway courses made with pytester."""
+
+import json
+import textwrap
+
+import pytest
+
+# pytester's in-process runs drop modules first imported inside them; a native extension such as triton's aborts
+# when imported a second time, so anything the inner runs might import is imported here first.
+pytest.importorskip("torch")
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
+
+STUB = '''
+def double(x):
+    """Return 2 * x."""
+    raise NotImplementedError("double: multiply by two")
+'''
+SOLUTION = """
+def double(x):
+    return 2 * x
+"""
+TESTS = """
+import pytest
+
+@pytest.fixture
+def mod(impl):
+    return impl("doubling")
+
+@pytest.mark.points(3)
+def test_doubles(mod):
+    assert mod.double(2) == 4
+
+def test_doubles_negative(mod):
+    assert mod.double(-1) == -2
+
+@pytest.mark.speed
+def test_fast(mod, speed):
+    speed.judge("speedup", 10.0)
+"""
+THRESHOLDS = """
+[speedup]
+what = "speedup over a baseline"
+student = 2.0
+solution = 4.0
+"""
+
+
+@pytest.fixture
+def course(pytester):
+    """A course with one exercise, a stub, a solution and the grader plugin registered as in the repo."""
+    pytester.makeconftest('pytest_plugins = ["grader.plugin"]')
+    (pytester.path / "exercises" / "07").mkdir(parents=True)
+    (pytester.path / "solutions" / "07").mkdir(parents=True)
+    (pytester.path / "exercises/07/doubling.py").write_text(STUB)
+    (pytester.path / "exercises/07/test_doubling.py").write_text(TESTS)
+    (pytester.path / "exercises/07/thresholds.toml").write_text(THRESHOLDS)
+    (pytester.path / "solutions/07/doubling.py").write_text(SOLUTION)
+    return pytester
+
+
+def test_stub_fails_every_test_with_the_hint(course):
+    result = course.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=2, skipped=1)
+    result.stdout.fnmatch_lines(["*not implemented yet: doubling.py:4 in double()*", "*double: multiply by two*"])
+    result.stdout.fnmatch_lines(["*inferlab score (student implementation)*", "07 *0 / 4*"])
+
+
+def test_solution_passes_and_scores_points(course):
+    result = course.runpytest("--impl=solution")
+    result.assert_outcomes(passed=2, skipped=1)
+    result.stdout.fnmatch_lines(["07 *4 / 4*"])
+
+
+def test_impl_can_come_from_the_environment(course, monkeypatch):
+    monkeypatch.setenv("INFERLAB_IMPL", "solution")
+    course.runpytest().assert_outcomes(passed=2, skipped=1)
+
+
+def test_private_solutions_tree(course, tmp_path):
+    private = tmp_path / "private" / "07"
+    private.mkdir(parents=True)
+    private.joinpath("doubling.py").write_text("def double(x):\n    return x + x\n")
+    (course.path / "solutions/07/doubling.py").unlink()
+    course.runpytest("--impl=solution", f"--solutions={tmp_path / 'private'}").assert_outcomes(passed=2, skipped=1)
+
+
+def test_missing_module_is_one_clear_failure_per_test_not_a_collection_error(course):
+    (course.path / "exercises/07/doubling.py").unlink()
+    result = course.runpytest()
+    result.assert_outcomes(failed=2, skipped=1, errors=0)
+    result.stdout.fnmatch_lines(["*student module not found: *exercises/07/doubling.py*"])
+
+
+def test_broken_module_is_reported_with_its_error(course):
+    (course.path / "exercises/07/doubling.py").write_text("def double(x)\n    return 2 * x\n")
+    result = course.runpytest()
+    result.assert_outcomes(failed=2, skipped=1, errors=0)
+    result.stdout.fnmatch_lines(["*could not import *doubling.py*", "*SyntaxError*"])
+
+
+def test_speed_tests_are_skipped_without_cuda_with_a_reason(course):
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = course.runpytest("--impl=solution", "-rs")
+    result.stdout.fnmatch_lines(["*speed not graded on this hardware: no CUDA GPU*"])
+
+
+def test_results_json_is_gradescope_format(course):
+    results = course.path / "out" / "results.json"
+    course.runpytest("--impl=solution", f"--results={results}")
+    data = json.loads(results.read_text())
+    assert data["score"] == 4.0
+    assert {"score", "execution_time", "output", "visibility", "stdout_visibility", "tests"} <= data.keys()
+    by_name = {t["name"]: t for t in data["tests"]}
+    assert by_name["07 test_doubles"]["max_score"] == 3.0 and by_name["07 test_doubles"]["score"] == 3.0
+    assert by_name["07 test_fast"]["max_score"] == 0.0, "a skipped speed test must not count as possible points"
+    assert by_name["07 test_fast"]["output"].startswith("skipped: ")
+
+
+def test_deselected_tests_are_not_scored(course):
+    result = course.runpytest("--impl=solution", "-k", "negative")
+    result.stdout.fnmatch_lines(["07 *1 / 1*"])
+
+
+def test_cli_grades_and_exits_zero_whatever_the_score(course, monkeypatch):
+    from grader import cli
+
+    monkeypatch.setattr(cli, "ROOT", course.path)
+    assert cli.main(["07"]) == 0
+    assert cli.main(["07", "--strict"]) == 1
+    assert cli.main(["07", "--impl", "solution", "--strict"]) == 0
+    with pytest.raises(SystemExit):
+        cli.main(["99"])
+
+
+def test_plugin_is_registered_once_when_installed_and_from_the_conftest(course):
+    """The entry point is named after the module, so both registrations resolve to one plugin."""
+    course.makeconftest(
+        textwrap.dedent(
+            """
+            pytest_plugins = ["grader.plugin"]
+
+            def pytest_configure(config):
+                import grader.plugin
+                assert config.pluginmanager.get_plugin("grader.plugin") is grader.plugin
+            """
+        )
+    )
+    course.runpytest("--impl=solution").assert_outcomes(passed=2, skipped=1)

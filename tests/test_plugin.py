@@ -7,11 +7,13 @@ import pytest
 
 # pytester's in-process runs drop modules first imported inside them; a native extension such as triton's aborts
 # when imported a second time, so anything the inner runs might import is imported here first.
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 try:
     import triton  # noqa: F401
 except ImportError:
     pass
+
+GPU = torch.cuda.is_available()  # the toy course's speed test runs on a GPU and is skipped elsewhere
 
 STUB = '''
 def double(x):
@@ -38,7 +40,7 @@ def test_doubles_negative(mod):
 
 @pytest.mark.speed
 def test_fast(mod, speed):
-    speed.judge("speedup", 10.0)
+    speed.judge("speedup", mod.double(5.0))
 """
 THRESHOLDS = """
 [speedup]
@@ -46,6 +48,13 @@ what = "speedup over a baseline"
 student = 2.0
 solution = 4.0
 """
+
+
+def expect(result, passed=0, failed=0):
+    """Outcomes of the toy course: two correctness tests as given, and the speed test with them on a GPU."""
+    speed_passes = passed > 0
+    counts = dict(passed=passed + (GPU and speed_passes), failed=failed + (GPU and not speed_passes))
+    result.assert_outcomes(**counts, skipped=0 if GPU else 1, errors=0)
 
 
 @pytest.fixture
@@ -63,20 +72,20 @@ def course(pytester):
 
 def test_stub_fails_every_test_with_the_hint(course):
     result = course.runpytest("-p", "no:cacheprovider")
-    result.assert_outcomes(failed=2, skipped=1)
+    expect(result, failed=2)
     result.stdout.fnmatch_lines(["*not implemented yet: doubling.py:4 in double()*", "*double: multiply by two*"])
-    result.stdout.fnmatch_lines(["*inferlab score (student implementation)*", "07 *0 / 4*"])
+    result.stdout.fnmatch_lines(["*inferlab score (student implementation)*", f"07 *0 / {5 if GPU else 4}*"])
 
 
 def test_solution_passes_and_scores_points(course):
     result = course.runpytest("--impl=solution")
-    result.assert_outcomes(passed=2, skipped=1)
-    result.stdout.fnmatch_lines(["07 *4 / 4*"])
+    expect(result, passed=2)
+    result.stdout.fnmatch_lines(["07 *5 / 5*" if GPU else "07 *4 / 4*"])
 
 
 def test_impl_can_come_from_the_environment(course, monkeypatch):
     monkeypatch.setenv("INFERLAB_IMPL", "solution")
-    course.runpytest().assert_outcomes(passed=2, skipped=1)
+    expect(course.runpytest(), passed=2)
 
 
 def test_private_solutions_tree(course, tmp_path):
@@ -84,28 +93,25 @@ def test_private_solutions_tree(course, tmp_path):
     private.mkdir(parents=True)
     private.joinpath("doubling.py").write_text("def double(x):\n    return x + x\n")
     (course.path / "solutions/07/doubling.py").unlink()
-    course.runpytest("--impl=solution", f"--solutions={tmp_path / 'private'}").assert_outcomes(passed=2, skipped=1)
+    expect(course.runpytest("--impl=solution", f"--solutions={tmp_path / 'private'}"), passed=2)
 
 
 def test_missing_module_is_one_clear_failure_per_test_not_a_collection_error(course):
     (course.path / "exercises/07/doubling.py").unlink()
     result = course.runpytest()
-    result.assert_outcomes(failed=2, skipped=1, errors=0)
+    expect(result, failed=2)
     result.stdout.fnmatch_lines(["*student module not found: *exercises/07/doubling.py*"])
 
 
 def test_broken_module_is_reported_with_its_error(course):
     (course.path / "exercises/07/doubling.py").write_text("def double(x)\n    return 2 * x\n")
     result = course.runpytest()
-    result.assert_outcomes(failed=2, skipped=1, errors=0)
+    expect(result, failed=2)
     result.stdout.fnmatch_lines(["*could not import *doubling.py*", "*SyntaxError*"])
 
 
 def test_speed_tests_are_skipped_without_cuda_with_a_reason(course):
-    pytest.importorskip("torch")
-    import torch
-
-    if torch.cuda.is_available():
+    if GPU:
         pytest.skip("this machine has a GPU")
     result = course.runpytest("--impl=solution", "-rs")
     result.stdout.fnmatch_lines(["*speed not graded on this hardware: no CUDA GPU*"])
@@ -115,12 +121,18 @@ def test_results_json_is_gradescope_format(course):
     results = course.path / "out" / "results.json"
     course.runpytest("--impl=solution", f"--results={results}")
     data = json.loads(results.read_text())
-    assert data["score"] == 4.0
+    assert data["score"] == (5.0 if GPU else 4.0)
     assert {"score", "execution_time", "output", "visibility", "stdout_visibility", "tests"} <= data.keys()
     by_name = {t["name"]: t for t in data["tests"]}
     assert by_name["07 test_doubles"]["max_score"] == 3.0 and by_name["07 test_doubles"]["score"] == 3.0
-    assert by_name["07 test_fast"]["max_score"] == 0.0, "a skipped speed test must not count as possible points"
-    assert by_name["07 test_fast"]["output"].startswith("skipped: ")
+    if GPU:
+        assert (
+            by_name["07 test_fast"]["score"] == 1.0
+            and "speedup over a baseline: 10" in by_name["07 test_fast"]["output"]
+        )
+    else:
+        assert by_name["07 test_fast"]["max_score"] == 0.0, "a skipped speed test must not count as possible points"
+        assert by_name["07 test_fast"]["output"].startswith("skipped: ")
 
 
 def test_deselected_tests_are_not_scored(course):
@@ -152,4 +164,4 @@ def test_plugin_is_registered_once_when_installed_and_from_the_conftest(course):
             """
         )
     )
-    course.runpytest("--impl=solution").assert_outcomes(passed=2, skipped=1)
+    expect(course.runpytest("--impl=solution"), passed=2)

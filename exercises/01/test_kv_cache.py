@@ -107,11 +107,12 @@ def test_cache_is_allocated_once_at_full_capacity(kv):
     for step in range(4):
         for layer in range(3):
             cache.append(layer, *kv_pair(tokens=2 if step == 0 else 1, seed=step))
+            # Checked after every append: a buffer replaced twice could land back at its first address.
+            assert (cache.keys.data_ptr(), cache.values.data_ptr()) == addresses, (
+                f"the cache buffers were reallocated by append (step {step}, layer {layer}): write into the "
+                "preallocated tensors (torch.cat onto the cache copies the whole cache every step)"
+            )
         cache.advance(2 if step == 0 else 1)
-    assert (cache.keys.data_ptr(), cache.values.data_ptr()) == addresses, (
-        "the cache buffers were reallocated while appending: write into the preallocated tensors "
-        "(torch.cat onto the cache copies the whole cache every step)"
-    )
     assert cache.capacity == 8, f"capacity: expected 8, got {cache.capacity}"
 
 

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no such exercise: {', '.join(missing)} (have: {', '.join(_all_exercises())})")
     command = [str(ROOT / "exercises" / e) for e in exercises]
     command += ["--rootdir", str(ROOT), "-q", "--tb=no", "-rN", "-p", "no:cacheprovider", f"--impl={args.impl}"]
+    command += ["-W", "ignore::pytest.PytestAssertRewriteWarning"]  # grader itself was imported before pytest
     if args.solutions:
         command.append(f"--solutions={args.solutions}")
     if args.results:

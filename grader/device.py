@@ -12,6 +12,7 @@ import importlib.metadata
 import os
 
 NO_GPU_REASON = "speed not graded on this hardware: no CUDA GPU"
+NEEDS_GPU_REASON = "not graded on this hardware: this test needs a CUDA GPU"
 
 
 @functools.cache

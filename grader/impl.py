@@ -67,7 +67,11 @@ class Implementations:
         sys.modules[name] = mod  # dataclasses and Triton's source inspection look the module up by name
         try:
             spec.loader.exec_module(mod)
-        except Exception as exc:  # any error in the student's file becomes one readable failure per test
+        except KeyboardInterrupt:
+            raise
+        except (
+            BaseException
+        ) as exc:  # any error in the student's file (sys.exit, pytest.skip too): one failure per test
             del sys.modules[name]
             where = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             return ImplementationError(f"could not import {path}:\n{where}")

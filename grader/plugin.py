@@ -5,10 +5,12 @@ Markers:
     gpu             needs a CUDA GPU; skipped without one
     speed           judged against a threshold in the exercise's thresholds.toml (implies gpu)
     exercise("NN")  the exercise a test belongs to, for tests that live outside exercises/NN/
+    visibility(v)   Gradescope visibility of the test in results.json (hidden tests: "hidden")
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 
 from . import device
 from .impl import IMPL_CHOICES, ImplementationError, Implementations
-from .scoring import Scoreboard
+from .scoring import Scoreboard, TestResult
 from .speed import Speed
 from .timing import cuda_event_clock
 
@@ -30,6 +32,8 @@ MARKERS = (
     "gpu: needs a CUDA GPU; skipped without one",
     "speed: judged against a threshold from the exercise's thresholds.toml; needs a CUDA GPU",
     'exercise(id): the exercise a test belongs to, e.g. exercise("01"), for tests outside exercises/NN/',
+    'visibility(v): who sees this test in results.json: "visible" (default), "hidden", "after_due_date" or '
+    '"after_published"',
 )
 
 
@@ -86,7 +90,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         needs_gpu = item.get_closest_marker("gpu") or item.get_closest_marker("speed")
         if needs_gpu and not device.cuda_available():
-            item.add_marker(pytest.mark.skip(reason=device.NO_GPU_REASON))
+            reason = device.NO_GPU_REASON if item.get_closest_marker("speed") else device.NEEDS_GPU_REASON
+            item.add_marker(pytest.mark.skip(reason=reason))
         if "speed" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.benchmark(timer=cuda_event_clock, group=f"exercise {exercise_of(item)}"))
 
@@ -98,20 +103,39 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         exercise = exercise_of(item)
         if exercise is not None:
             points = item.get_closest_marker("points")
-            scores.add(item.nodeid, exercise, item.name, float(points.args[0]) if points else 1.0)
+            visibility = item.get_closest_marker("visibility")
+            test = TestResult(item.nodeid, exercise, item.name, float(points.args[0]) if points else 1.0)
+            test.visibility = visibility.args[0] if visibility else "visible"
+            test.speed_test = item.get_closest_marker("speed") is not None
+            scores.add(test)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
-    if call.excinfo is not None and call.excinfo.errisinstance(NotImplementedError):
+    if call.excinfo is not None and _is_stub_placeholder(call.excinfo):
         entry = call.excinfo.traceback[-1]
         where = f"{Path(entry.path).name}:{entry.lineno + 1} in {entry.name}()"
         report.longrepr = f"not implemented yet: {where}\n{call.excinfo.value}"
+    if report.skipped and report.when == "call":
+        # Only the grader skips (in setup: no GPU, benchmarks off). A skip raised while the test runs comes from the
+        # code under test, and skipping is not passing.
+        report.outcome = "failed"
+        report.longrepr = f"skipped while running, which counts as a failure: {_skip_reason(report)}"
     if report.failed or report.skipped or report.when == "call":
         message = report.longreprtext if not report.skipped else f"skipped: {_skip_reason(report)}"
-        item.config.stash[SCORES].record_phase(item.nodeid, report.outcome, message)
+        item.config.stash[SCORES].record_phase(item.nodeid, report.when, report.outcome, message)
     return report
+
+
+def _is_stub_placeholder(excinfo: pytest.ExceptionInfo) -> bool:
+    """A stub's own `raise NotImplementedError(hint)`, not one raised by a library the student called."""
+    if not excinfo.errisinstance(NotImplementedError):
+        return False
+    try:
+        return "raise NotImplementedError" in str(excinfo.traceback[-1].statement)
+    except Exception:
+        return False
 
 
 def _skip_reason(report: pytest.TestReport) -> str:
@@ -123,7 +147,7 @@ def _skip_reason(report: pytest.TestReport) -> str:
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     scores = config.stash[SCORES]
     score_lines = scores.score_lines()
-    if not score_lines:
+    if not score_lines or os.environ.get("INFERLAB_SUMMARY") == "off":  # `python -m grader` prints its own
         return
     terminalreporter.write_sep("=", f"inferlab score ({scores.impl} implementation)")
     for line in score_lines:

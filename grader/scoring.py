@@ -2,8 +2,8 @@
 
 A graded test is any test that belongs to an exercise (it lives under `exercises/NN/` or carries
 `@pytest.mark.exercise("NN")`). It is worth `@pytest.mark.points(n)` points (1 by default), earned only if every
-phase passed. A skipped test (a speed test without a GPU) is neither earned nor possible, so a CPU run grades out of
-the correctness points alone.
+phase passed. A test the grader skips (a GPU test without a GPU) is neither earned nor possible, so a CPU run grades
+out of the correctness points alone. A test that never ran (the session was stopped, or crashed) earns nothing.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ class TestResult:
     exercise: str
     name: str
     points: float
-    outcome: str = "passed"  # passed, failed or skipped
-    message: str = ""
+    visibility: str = "visible"  # Gradescope's: visible, hidden, after_due_date, after_published
+    speed_test: bool = False
+    outcome: str = "not run"  # not run, passed, failed or skipped (by the grader, e.g. no GPU)
+    message: str = "not run: the session ended before this test finished"
     speed: list[SpeedResult] = field(default_factory=list)
 
     @property
@@ -59,15 +61,18 @@ class Scoreboard:
         self.impl = impl
         self.tests: dict[str, TestResult] = {}
 
-    def add(self, nodeid: str, exercise: str, name: str, points: float) -> None:
-        self.tests[nodeid] = TestResult(nodeid, exercise, name, points)
+    def add(self, test: TestResult) -> None:
+        self.tests[test.nodeid] = test
 
-    def record_phase(self, nodeid: str, outcome: str, message: str) -> None:
+    def record_phase(self, nodeid: str, when: str, outcome: str, message: str) -> None:
+        """One phase's report (setup, call, teardown): a test passes only by its call, and a failure sticks."""
         test = self.tests.get(nodeid)
-        if test is None or test.outcome == "failed":
+        if test is None or test.outcome in ("failed", "skipped"):
             return
-        if outcome == "failed" or (outcome == "skipped" and test.outcome != "failed"):
+        if outcome in ("failed", "skipped"):
             test.outcome, test.message = outcome, message[:MESSAGE_LIMIT]
+        elif when == "call":
+            test.outcome, test.message = "passed", ""
 
     def record_speed(self, nodeid: str, result: SpeedResult) -> None:
         if nodeid in self.tests:
@@ -79,7 +84,8 @@ class Scoreboard:
             total = totals.setdefault(test.exercise, ExerciseTotal())
             total.earned += test.earned
             total.possible += test.possible
-            setattr(total, test.outcome, getattr(total, test.outcome) + 1)
+            outcome = "failed" if test.outcome == "not run" else test.outcome
+            setattr(total, outcome, getattr(total, outcome) + 1)
         return dict(sorted(totals.items()))
 
     def score_lines(self) -> list[str]:
@@ -118,8 +124,8 @@ class Scoreboard:
                     "score": test.earned,
                     "max_score": test.possible,
                     "output": output.strip(),
-                    "tags": [test.exercise] + (["speed"] if test.speed else []),
-                    "visibility": "visible",
+                    "tags": [test.exercise] + (["speed"] if test.speed_test else []),
+                    "visibility": test.visibility,
                 }
             )
         leaderboard = [

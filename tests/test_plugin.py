@@ -140,15 +140,66 @@ def test_deselected_tests_are_not_scored(course):
     result.stdout.fnmatch_lines(["07 *1 / 1*"])
 
 
-def test_cli_grades_and_exits_zero_whatever_the_score(course, monkeypatch):
+def test_cli_grades_and_exits_zero_whatever_the_score(course, monkeypatch, tmp_path):
     from grader import cli
 
     monkeypatch.setattr(cli, "ROOT", course.path)
     assert cli.main(["07"]) == 0
     assert cli.main(["07", "--strict"]) == 1
-    assert cli.main(["07", "--impl", "solution", "--strict"]) == 0
+    assert cli.main(["07", "--impl", "solution", "--strict", "--results", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["score"] == (5.0 if GPU else 4.0)
     with pytest.raises(SystemExit):
         cli.main(["99"])
+
+
+def test_cli_keeps_grading_when_an_exercise_crashes(course, monkeypatch, tmp_path):
+    from grader import cli
+
+    (course.path / "exercises/08").mkdir()
+    (course.path / "solutions/08").mkdir()
+    (course.path / "solutions/08/crash.py").write_text("import os\n\n\ndef double(x):\n    os.abort()\n")
+    (course.path / "exercises/08/test_crash.py").write_text(
+        "def test_crash(impl):\n    impl('crash').double(1)\n\ndef test_other(impl):\n    pass\n"
+    )
+    monkeypatch.setattr(cli, "ROOT", course.path)
+    results = tmp_path / "r.json"
+    assert cli.main(["--impl", "solution", "--results", str(results)]) == 0
+    tests = {t["name"]: t for t in json.loads(results.read_text())["tests"]}
+    assert tests["07 test_doubles"]["score"] == 3.0, "exercise 07 must keep its points when exercise 08 crashes"
+    assert tests["08 test_other"]["score"] == 0.0 and tests["08 test_other"]["max_score"] == 1.0
+    assert "crashed" in tests["08 test_crash"]["output"]
+
+
+def test_tests_that_never_ran_earn_nothing(course):
+    results = course.path / "r.json"
+    course.runpytest("--impl=solution", "--collect-only", f"--results={results}")
+    data = json.loads(results.read_text())
+    assert data["score"] == 0.0 and {t["max_score"] for t in data["tests"]} >= {3.0, 1.0}
+
+
+def test_a_skip_raised_by_the_code_under_test_is_a_failure(course):
+    (course.path / "solutions/07/doubling.py").write_text("import pytest\n\ndef double(x):\n    pytest.skip('no')\n")
+    result = course.runpytest("--impl=solution")
+    expect(result, failed=2)
+    result.stdout.fnmatch_lines(["*skipped while running, which counts as a failure*"])
+
+
+def test_a_module_that_skips_itself_is_a_failure(course):
+    (course.path / "solutions/07/doubling.py").write_text(
+        "import pytest\n\npytest.skip('x', allow_module_level=True)\n"
+    )
+    expect(course.runpytest("--impl=solution"), failed=2)
+
+
+def test_not_implemented_from_a_library_keeps_its_traceback(course):
+    """Only a stub's own `raise NotImplementedError` reads as "not implemented yet"."""
+    (course.path / "solutions/07/doubling.py").write_text(
+        "import io\n\n\ndef double(x):\n    io.RawIOBase().readinto(bytearray(1))\n"
+    )
+    result = course.runpytest("--impl=solution")
+    expect(result, failed=2)
+    assert "not implemented yet" not in result.stdout.str()
+    result.stdout.fnmatch_lines(["*NotImplementedError*"])
 
 
 def test_plugin_is_registered_once_when_installed_and_from_the_conftest(course):

@@ -116,6 +116,15 @@ def test_cache_is_allocated_once_at_full_capacity(kv):
     assert cache.capacity == 8, f"capacity: expected 8, got {cache.capacity}"
 
 
+def test_cache_uses_the_requested_dtype_and_device(kv):
+    cache = kv.KVCache(2, 1, 4, 1, 8, dtype=torch.float16, device="meta")
+    for name, buffer in (("keys", cache.keys), ("values", cache.values)):
+        assert buffer.dtype == torch.float16 and buffer.device.type == "meta", (
+            f"KVCache(dtype=float16, device='meta').{name} must be float16 on meta, got {buffer.dtype} on "
+            f"{buffer.device}: a cache in the wrong dtype doubles its memory, on the wrong device it cannot be used"
+        )
+
+
 def test_nbytes_is_the_formula_at_full_capacity(kv, tiny):
     cache = new_cache(kv, tiny, batch=3, capacity=50)
     expected = kv.kv_cache_bytes(tiny.config, 3, 50, tiny.dtype)
@@ -131,6 +140,10 @@ def test_append_writes_at_seq_len_and_returns_the_filled_prefix(kv):
     k2, v2 = kv_pair(tokens=2, seed=2)
     keys, values = cache.append(1, k1, v1)
     close(keys, k1, "after one append of 3 tokens, append must return exactly those 3 keys")
+    assert keys.data_ptr() == cache.keys[1].data_ptr() and values.data_ptr() == cache.values[1].data_ptr(), (
+        "append must return views of the cache (slices of cache.keys / cache.values), not copies: a copy per layer "
+        "per step costs as much as reading the whole cache again"
+    )
     assert cache.seq_len == 0, f"append must not move seq_len (advance does), got seq_len {cache.seq_len}"
     cache.advance(3)
     keys, values = cache.append(1, k2, v2)
@@ -243,6 +256,19 @@ def test_rope_matches_transformers(kv, positions, theta):
         "2i+1), rotate by position * theta ** (-2i / D), use the absolute positions",
         atol=1e-5,
         rtol=1e-5,
+    )
+
+
+def test_rope_angles_are_computed_in_float32(kv):
+    positions = torch.arange(3000, 3004)
+    x = torch.randn(1, 2, 4, 16, generator=torch.Generator().manual_seed(20)).to(torch.bfloat16)
+    close(
+        kv.apply_rope(x, positions, 10000.0).float(),
+        hf_rope(x, positions, 10000.0).float(),
+        "bf16 input at positions 3000..3003: compute position * inverse frequency in float32 (bf16 keeps 8 bits, so "
+        "an angle near 3000 rad would be off by several radians), then cast cos and sin to x's dtype",
+        atol=2e-2,
+        rtol=2e-2,
     )
 
 
@@ -359,6 +385,17 @@ def test_generate_matches_transformers_greedy(kv, tiny, hf_tiny, batch):
     assert torch.equal(ids, prompt), "generate must not modify the prompt tensor"
 
 
+def test_generate_feeds_one_new_token_per_step(kv, tiny, monkeypatch):
+    seen = []
+    embed = tiny.embed
+    monkeypatch.setattr(tiny, "embed", lambda ids: seen.append(tuple(ids.shape)) or embed(ids))
+    kv.generate(tiny, random_ids(tiny, batch=2, tokens=6, seed=21), max_new_tokens=5)
+    assert seen and seen[0] == (2, 6) and all(shape == (2, 1) for shape in seen[1:]), (
+        f"generate must embed the prompt once, then one new token per step; it embedded {seen}: feeding the whole "
+        "sequence again each step recomputes what the cache holds"
+    )
+
+
 BAD_GENERATE = {
     "float ids": lambda ids: (ids.float(), 4),
     "1-d ids": lambda ids: (ids[0], 4),
@@ -391,14 +428,23 @@ def small(hf_small):
 def check_tokens(model, batch, count):
     def check(tokens, *args, **kwargs):
         assert tokens.shape == (batch, count), f"expected [{batch}, {count}] tokens, got {list(tokens.shape)}"
-        assert 0 <= int(tokens.min()) and int(tokens.max()) < model.vocab_size, "token ids outside the vocabulary"
+        vocab = model.config.vocab_size
+        assert 0 <= int(tokens.min()) and int(tokens.max()) < vocab, "token ids outside the vocabulary"
 
     return check
 
 
+def assert_greedy(hf_model, ids, tokens, batch, count):
+    """Each token must be the argmax of the model's logits up to fp16 noise: checked with a full forward pass."""
+    check_tokens(hf_model, batch, count)(tokens)
+    logits = hf_logits(hf_model, torch.cat([ids, tokens], dim=1))[:, ids.shape[1] - 1 : -1].float()
+    gap = logits.max(-1).values - logits.gather(-1, tokens[..., None]).squeeze(-1)
+    assert bool((gap <= 0.1 * logits.std()).all()), f"generated tokens are not greedy: worst logit gap {gap.max():.3f}"
+
+
 @pytest.mark.speed
 @pytest.mark.points(2)
-def test_cached_generate_beats_recomputing_the_prefix(kv, small, speed):
+def test_cached_generate_beats_recomputing_the_prefix(kv, small, hf_small, speed):
     batch, prompt_len, new = 64, 512, 32
 
     def recompute(model, ids, steps):
@@ -414,8 +460,11 @@ def test_cached_generate_beats_recomputing_the_prefix(kv, small, speed):
             new,
         ), {}
 
-    baseline = speed.time(recompute, setup, rounds=3, warmup=1, check=check_tokens(small, batch, new))
-    cached = speed.bench(kv.generate, setup, rounds=5, warmup=1, check=check_tokens(small, batch, new))
+    def check(tokens, model, ids, steps):
+        assert_greedy(hf_small, ids, tokens, batch, steps)
+
+    baseline = speed.time(recompute, setup, rounds=3, warmup=1, check=check)
+    cached = speed.bench(kv.generate, setup, rounds=5, warmup=1, check=check)
     speed.judge(
         "speedup_over_recompute",
         baseline.median / cached.median,
@@ -472,13 +521,7 @@ def test_generate_beats_transformers_generate(kv, small, hf_small, speed):
         )
 
     def check_greedy(tokens, ids):
-        check_tokens(small, batch, new)(tokens)
-        # Each token must be the argmax of the model's logits up to fp16 noise: compare with a full forward pass.
-        logits = hf_logits(hf_small, torch.cat([ids, tokens], dim=1))[:, prompt_len - 1 : -1].float()
-        chosen = logits.gather(-1, tokens[..., None]).squeeze(-1)
-        gap = logits.max(-1).values - chosen
-        tolerance = 0.1 * logits.std()
-        assert bool((gap <= tolerance).all()), f"generated tokens are not greedy: worst logit gap {gap.max():.3f}"
+        assert_greedy(hf_small, ids, tokens, batch, new)
 
     hf = speed.time(hf_generate, setup, rounds=3, warmup=1)
     ours = speed.bench(lambda ids: kv.generate(small, ids, new), setup, rounds=5, warmup=1, check=check_greedy)

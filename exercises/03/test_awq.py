@@ -89,16 +89,40 @@ def assert_dequant_equal(got, qweight, scales, qzeros, what=""):
     pytest.fail(message, pytrace=False)
 
 
+GUARD = 1024  # elements of poison past the end of every fresh buffer, checked after the test
+
+
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Fresh float outputs come back full of NaN, so an element the kernel never writes cannot pass as a zero."""
-    empty, empty_like = torch.empty, torch.empty_like
+    """Fresh float outputs come back full of NaN, so an element the kernel never writes cannot pass as a zero; and
+    each buffer is followed by a guarded band, so a kernel that writes past its end (a missing mask) is caught
+    instead of corrupting memory."""
+    empty, bands = torch.empty, []
 
-    def fill(t):
+    def poison(t):
         return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**31) if t.dtype == torch.int32 else 0)
 
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+    def guarded_empty(*size, dtype=None, device=None, **kwargs):
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        count = 1
+        for dim in shape:
+            count *= dim
+        flat = poison(empty(count + GUARD, dtype=dtype, device=device, **kwargs))
+        bands.append((flat, count, flat[count:].clone()))
+        return flat[:count].view(shape)
+
+    monkeypatch.setattr(torch, "empty", guarded_empty)
+    monkeypatch.setattr(
+        torch,
+        "empty_like",
+        lambda t, **k: guarded_empty(t.shape, dtype=k.get("dtype", t.dtype), device=k.get("device", t.device)),
+    )
+    yield
+    for flat, count, band in bands:
+        same = torch.equal(flat[count:].isnan(), band.isnan()) and torch.equal(
+            flat[count:].nan_to_num(), band.nan_to_num()
+        )
+        assert same, f"a kernel wrote past the end of a {count}-element output: mask the loads and stores of the tail"
 
 
 # --- the format: unpack and pack ---------------------------------------------------------------------------------
@@ -119,6 +143,7 @@ def test_unpack_handles_negative_words(awq):
     qweight, _, _ = random_awq(16, 64, 16, seed=1)
     got = awq.unpack_awq(qweight)
     assert got.shape == (16, 64), f"[16, 8] words unpack to [16, 64] values, got {list(got.shape)}"
+    assert got.dtype == torch.int32, f"unpack_awq returns int32 values, got {got.dtype}"
     assert torch.equal(got.long().cpu(), reference_unpack(qweight).cpu()), (
         "unpack differs from the format on full-range words: for negative words, >> copies the sign bit in, so mask "
         "every nibble with & 0xF"
@@ -161,7 +186,7 @@ def test_dequantize_is_bit_exact(awq, poisoned, group, dtype):
         assert torch.equal(before, after), "awq_dequantize modified its inputs"
 
 
-@pytest.mark.parametrize("K,N,G", [(32, 8, 32), (96, 24, 32), (160, 200, 32), (64, 1032, 64)])
+@pytest.mark.parametrize("K,N,G", [(32, 8, 32), (96, 24, 32), (160, 200, 32), (64, 1032, 64), (40, 16, 40)])
 def test_dequantize_covers_tails_of_every_size(awq, poisoned, K, N, G):
     qweight, scales, qzeros = random_awq(K, N, G, seed=4)
     assert_dequant_equal(awq.awq_dequantize(qweight, scales, qzeros), qweight, scales, qzeros, f"K={K}, N={N}: ")
@@ -262,7 +287,7 @@ def test_gemv_matches_fp32_reference(awq, poisoned, M, dtype):
         assert torch.equal(before, after), "awq_gemv modified its inputs"
 
 
-@pytest.mark.parametrize("K,N,G", [(32, 8, 32), (128, 24, 128), (384, 264, 128)])
+@pytest.mark.parametrize("K,N,G", [(32, 8, 32), (128, 24, 128), (384, 264, 128), (40, 16, 40)])
 def test_gemv_covers_tails_and_group_sizes(awq, poisoned, K, N, G):
     qweight, scales, qzeros = random_awq(K, N, G, seed=10)
     x = torch.randn(2, K, generator=torch.Generator().manual_seed(K)).half().to(DEVICE)

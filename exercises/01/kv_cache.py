@@ -39,7 +39,8 @@ class KVCache:
     """
 
     def __init__(self, num_layers, batch_size, capacity, num_kv_heads, head_dim, dtype=torch.float32, device="cpu"):
-        # TODO: validate the sizes (positive ints; ValueError naming the bad argument) and allocate self.keys and
+        # TODO: validate the sizes (positive ints; a ValueError whose message names the bad argument, e.g.
+        #  "capacity must be a positive int") and allocate self.keys and
         #  self.values once, at full capacity. Start with seq_len = 0.
         raise NotImplementedError("KVCache.__init__: allocate keys and values [L, B, Hkv, capacity, D] once")
 
@@ -58,15 +59,15 @@ class KVCache:
 
         Returns that layer's keys and values for positions 0 .. seq_len + T - 1, [B, Hkv, seq_len + T, D] each,
         as views of the buffers (no copy). Does not change seq_len: `advance` does, once all layers have appended.
-        Raises ValueError, changing nothing, if `layer` is out of range, k or v has the wrong shape, dtype or
-        device, or the new tokens would not fit.
+        Raises ValueError, changing nothing, if `layer` is out of range (the message says "layer"), k or v has
+        the wrong shape, dtype or device, or the new tokens would not fit (the message says "capacity").
         """
         # TODO: check everything first, then write in place: self.keys[layer, :, :, start:end] = k
         #  Never torch.cat onto the cache: that reallocates and copies the whole cache every step.
         raise NotImplementedError("KVCache.append: write k and v in place at positions seq_len .. seq_len + T - 1")
 
     def advance(self, num_tokens: int) -> None:
-        """Count `num_tokens` more tokens as stored. ValueError if that exceeds the capacity."""
+        """Count `num_tokens` more tokens as stored. ValueError (saying "capacity") if that exceeds the capacity."""
         raise NotImplementedError("KVCache.advance: seq_len += num_tokens, within capacity")
 
     def reset(self) -> None:

@@ -117,9 +117,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         entry = call.excinfo.traceback[-1]
         where = f"{Path(entry.path).name}:{entry.lineno + 1} in {entry.name}()"
         report.longrepr = f"not implemented yet: {where}\n{call.excinfo.value}"
-    if report.skipped and report.when == "call":
-        # Only the grader skips (in setup: no GPU, benchmarks off). A skip raised while the test runs comes from the
-        # code under test, and skipping is not passing.
+    if report.skipped and report.when == "call" and exercise_of(item) is not None:
+        # Graded tests are skipped only by the grader (in setup: no GPU, benchmarks off). A skip raised while one
+        # runs comes from the code under test, and skipping is not passing.
         report.outcome = "failed"
         report.longrepr = f"skipped while running, which counts as a failure: {_skip_reason(report)}"
     if report.failed or report.skipped or report.when == "call":

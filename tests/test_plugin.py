@@ -184,6 +184,11 @@ def test_a_skip_raised_by_the_code_under_test_is_a_failure(course):
     result.stdout.fnmatch_lines(["*skipped while running, which counts as a failure*"])
 
 
+def test_tests_outside_exercises_may_skip_themselves(course):
+    course.makepyfile(test_outside="import pytest\n\ndef test_later():\n    pytest.skip('not today')\n")
+    course.runpytest("test_outside.py").assert_outcomes(skipped=1)
+
+
 def test_a_module_that_skips_itself_is_a_failure(course):
     (course.path / "solutions/07/doubling.py").write_text(
         "import pytest\n\npytest.skip('x', allow_module_level=True)\n"

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .scoring import table_lines, totals_of_results
+
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY_ENV = "INFERLAB_SUMMARY"  # "off": the per-exercise processes leave the table to this command
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             leaderboard += graded.get("leaderboard", [])
     for number, test in enumerate(tests, start=1):
         test["number"] = str(number)
-    table = score_lines(tests)
+    table = table_lines(totals_of_results(tests))
     print("\n".join(["", "=" * 20 + " inferlab score " + "=" * 20, *table]))
     if args.results:
         results = {
@@ -105,17 +107,3 @@ def grade_exercise(exercise: str, options: list[str], pytest_args: list[str], sc
     for test in tests:
         test["output"] = f"not run: {why}"
     return {"tests": tests}
-
-
-def score_lines(tests: list[dict]) -> list[str]:
-    lines = [f"{'exercise':<10}{'points':>14}{'passed':>8}{'failed':>8}{'skipped':>9}"]
-    for exercise in dict.fromkeys(t["tags"][0] for t in tests):
-        mine = [t for t in tests if t["tags"][0] == exercise]
-        earned, possible = sum(t["score"] for t in mine), sum(t["max_score"] for t in mine)
-        passed = sum(t["max_score"] > 0 and t["score"] == t["max_score"] for t in mine)
-        skipped = sum(t["max_score"] == 0 for t in mine)
-        failed = len(mine) - passed - skipped
-        lines.append(f"{exercise:<10}{f'{earned:g} / {possible:g}':>14}{passed:>8}{failed:>8}{skipped:>9}")
-    earned, possible = sum(t["score"] for t in tests), sum(t["max_score"] for t in tests)
-    lines.append(f"{'total':<10}{f'{earned:g} / {possible:g}':>14}")
-    return lines

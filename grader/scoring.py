@@ -89,16 +89,7 @@ class Scoreboard:
         return dict(sorted(totals.items()))
 
     def score_lines(self) -> list[str]:
-        totals = self.totals()
-        if not totals:
-            return []
-        lines = [f"{'exercise':<10}{'points':>14}{'passed':>8}{'failed':>8}{'skipped':>9}"]
-        for exercise, t in totals.items():
-            lines.append(f"{exercise:<10}{_pts(t.earned, t.possible):>14}{t.passed:>8}{t.failed:>8}{t.skipped:>9}")
-        earned = sum(t.earned for t in totals.values())
-        possible = sum(t.possible for t in totals.values())
-        lines.append(f"{'total':<10}{_pts(earned, possible):>14}")
-        return lines
+        return table_lines(self.totals())
 
     def speed_lines(self) -> list[str]:
         rows = [(t, s) for t in self.tests.values() for s in t.speed]
@@ -148,6 +139,35 @@ class Scoreboard:
     def write_gradescope(self, path: Path, execution_time: float) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.gradescope(execution_time), indent=2) + "\n")
+
+
+def table_lines(totals: dict[str, ExerciseTotal]) -> list[str]:
+    """The score table: one row per exercise, then the total."""
+    if not totals:
+        return []
+    lines = [f"{'exercise':<10}{'points':>14}{'passed':>8}{'failed':>8}{'skipped':>9}"]
+    for exercise, t in totals.items():
+        lines.append(f"{exercise:<10}{_pts(t.earned, t.possible):>14}{t.passed:>8}{t.failed:>8}{t.skipped:>9}")
+    earned = sum(t.earned for t in totals.values())
+    possible = sum(t.possible for t in totals.values())
+    lines.append(f"{'total':<10}{_pts(earned, possible):>14}")
+    return lines
+
+
+def totals_of_results(tests: list[dict]) -> dict[str, ExerciseTotal]:
+    """Per-exercise totals of results.json test entries (a skipped test has max_score 0)."""
+    totals: dict[str, ExerciseTotal] = {}
+    for test in tests:
+        total = totals.setdefault(test["tags"][0], ExerciseTotal())
+        total.earned += test["score"]
+        total.possible += test["max_score"]
+        if test["max_score"] == 0:
+            total.skipped += 1
+        elif test["score"] == test["max_score"]:
+            total.passed += 1
+        else:
+            total.failed += 1
+    return totals
 
 
 def _pts(earned: float, possible: float) -> str:

@@ -4,11 +4,14 @@ The host clock cannot time GPU work: a launch returns in microseconds while the 
 to pytest-benchmark returns a *stamp*, a CUDA event recorded on the current stream; subtracting two stamps waits for
 the later event and returns the seconds between them on the GPU's own timeline.
 
-Before the start stamp, L2 is flushed and the GPU is given a short spin to run, without a host synchronize: while
-the GPU spins, the host gets through the timed call's launch (Python, argument checks, Triton's launcher), so the
-measurement starts with work already queued and counts the GPU's time, not a GPU idling on a slow host. (That is
-what `triton.testing.do_bench` gets by queueing many calls back to back.) The host cost of every launch after the
-first one still counts: a decode loop that is bound by its launches is measured as such.
+Before the start stamp, L2 is flushed by *reading* a buffer larger than it, and the GPU is given a short spin to run,
+without a host synchronize. Reading leaves L2 full of clean lines that cost nothing to evict; zeroing a buffer (what
+`triton.testing.do_bench` does) leaves up to L2's size of dirty lines, whose write-back then lands in the timed call
+(about 3 us on an H200: 7% of a 40 us kernel). While the GPU spins, the host gets through the timed call's launch
+(Python, argument checks, Triton's launcher), so the measurement starts with work already queued and counts the GPU's
+time, not a GPU idling on a slow host. (That is what `triton.testing.do_bench` gets by queueing many calls back to
+back.) The host cost of every launch after the first one still counts: a decode loop that is bound by its launches
+is measured as such.
 """
 
 from __future__ import annotations
@@ -43,18 +46,18 @@ def cuda_event_clock() -> EventStamp:
 
 
 class L2Flusher:
-    """Evicts L2, then queues a spin that covers the host's launch of the timed call (see the module docstring)."""
+    """Evicts L2 by reading, then queues a spin that covers the host's launch of the timed call (module docstring)."""
 
     def __init__(self, nbytes: int = FLUSH_BYTES, spin_cycles: int = SPIN_CYCLES):
         import torch
 
-        self.buffer = torch.empty(nbytes // 4, dtype=torch.int32, device="cuda")
+        self.buffer = torch.zeros(nbytes // 4, dtype=torch.int32, device="cuda")
         self.spin_cycles = spin_cycles
 
     def __call__(self) -> None:
         import torch
 
-        self.buffer.zero_()
+        self.buffer.max()  # reads every line; the one-element result is the only write
         torch.cuda._sleep(self.spin_cycles)
 
 

@@ -221,6 +221,291 @@ def _gemv_dot_kernel(
     tl.store(out, acc, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Batch 1 to 16 on an NVIDIA GPU: tensor cores fed straight from the packed words (inline PTX)
+# ----------------------------------------------------------------------------------------------------------------
+#
+# At batch 1 the FMA kernel above spends ~8 instructions per weight and is bound by them, not by bytes. This kernel
+# spends ~1.7: it turns the packed nibbles into pairs of fp16/bf16 with two integer instructions per pair and lets
+# the tensor cores (mma.sync m16n8k16) do the multiply-add. Triton cannot express the register layout an mma wants,
+# so the per-thread work is inline PTX (tl.inline_asm_elementwise over a tensor with one element per thread) and
+# every thread works out its role from its own lane id; Triton keeps the loops, the split-K and the group logic.
+#
+# The product is y^T = W^T x^T: A = 16 output columns x 16 rows of W, B = 16 rows of x^T x 8 rows of x (batch rows
+# past M are zeros), D = fp32 accumulators. In an m16n8k16 the lane with group g = lane // 4 and t = lane % 4 holds
+# A[g][2t, 2t+1], A[g+8][2t, 2t+1], A[g][2t+8, 2t+9], A[g+8][2t+8, 2t+9] (two halves per register, the lower k first)
+# and B[2t, 2t+1][g], B[2t+8, 2t+9][g]. Which real rows and columns those indices stand for is ours to choose, so:
+#   * lane (g, t) of warp w reads one packed word column, c = 8w + g of the program's, in rows 4t .. 4t+3 of each
+#     16-row step: mma k = 2t, 2t+1 are rows 4t, 4t+1 and k = 2t+8, 2t+9 rows 4t+2, 4t+3 (and x is read to match);
+#   * the word's eight columns feed four mmas: mma i takes column 2i as A row g and column 2i+1 as A row g+8.
+# A byte permute (prmt) puts the same nibble of two rows' words into the two halves of a register; ORing nibbles
+# into the mantissa of 1024 (fp16 0x6400) or 128 (bf16 0x4300) makes 1024 + q exactly, and adding -(1024 + z)
+# leaves q - z exactly (AWQ's nibble order pairs columns 2i, 2i+1 in nibbles i, i + 4: one 16-bit shift apart).
+# For fp16 the high nibble of a byte is read as 1024 + 16 q and scaled by 1/16 in the same fma (fewer shifts).
+# The mmas sum x * (q - z) over a group exactly in fp32; the group's scales multiply the sum once per group.
+# Loads of the next 64-row step are issued before the current one is computed (one step of prefetch in registers).
+
+_MMA_STEP_ROWS = 64  # rows of W per loop step: 4 mma k-steps of 16
+
+_PTX_LANE = """
+.reg .b32 %tid_, %lane_, %g_, %t_, %w_, %col_;
+mov.u32 %tid_, %tid.x;
+and.b32 %lane_, %tid_, 31;
+shr.u32 %g_, %lane_, 2;
+and.b32 %t_, %lane_, 3;
+shr.u32 %w_, %tid_, 5;
+mad.lo.u32 %col_, %w_, 8, %g_;
+"""
+
+
+def _ptx_lanes() -> str:
+    """Per-thread byte offsets: $0 into qweight (row 4t, word column col), $1 into x (row g, column 4t).
+
+    Inputs: $2 N/8, $3 K, $4 word columns left from the program's first, $5 rows of x left. A lane past the last
+    column or row reads column 0 or row 0 instead (valid memory, branch-free); its results are never stored.
+    """
+    return "\n".join([
+        "{", _PTX_LANE, ".reg .pred %p_;", ".reg .b32 %row_;", ".reg .b64 %c64_;",
+        "shl.b32 %row_, %t_, 2;",
+        "mul.wide.u32 $0, %row_, $2;", "cvt.u64.u32 %c64_, %col_;", "add.u64 $0, $0, %c64_;", "shl.b64 $0, $0, 2;",
+        "mul.wide.u32 $1, %g_, $3;", "cvt.u64.u32 %c64_, %row_;", "add.u64 $1, $1, %c64_;", "shl.b64 $1, $1, 1;",
+        "setp.ge.u32 %p_, %col_, $4;", "@%p_ mov.b64 $0, 0;",
+        "setp.ge.u32 %p_, %g_, $5;", "@%p_ mov.b64 $1, 0;",
+        "}",
+    ])  # fmt: skip
+
+
+@functools.cache
+def _ptx_load(n8: int) -> str:
+    """One 64-row step: $0-$15 words (sub-step s, row r: $4s+r), $16-$23 x pairs (sub-step s: $16+2s, $17+2s).
+
+    Inputs: $24 qweight address of the step's first row at the program's first column, $25 the lane's offset, $26 x
+    address of the step, $27 the lane's x offset. The row stride is baked in as immediate offsets (one PTX text per
+    N), so the 16 loads need no address arithmetic. `.L2::256B` asks L2 to fetch whole 256-byte blocks from DRAM.
+    """
+    lines = ["{", ".reg .b64 %a_;", "add.u64 %a_, $24, $25;"]
+    for s in range(4):
+        for r in range(4):
+            lines.append(f"ld.global.nc.L2::256B.b32 ${4 * s + r}, [%a_+{(16 * s + r) * n8 * 4}];")
+    lines.append("add.u64 %a_, $26, $27;")
+    lines += [f"ld.global.nc.v2.b32 {{${16 + 2 * s}, ${17 + 2 * s}}}, [%a_+{32 * s}];" for s in range(4)]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _ptx_group(bf16: bool) -> str:
+    """A group's constants for the lane's word column: $0-$7 -(magic + z) per column (both halves), $8-$11 the raw
+    scale registers (columns 2i, 2i+1 in register i). Inputs: $12 qzeros and $13 scales addresses of the group row at
+    the program's first column, $14 word columns left."""
+    lines = [
+        "{", _PTX_LANE, ".reg .pred %p_;", ".reg .b32 %z_, %zl_, %zh_, %zt_, %c16_;", ".reg .b64 %a_;",
+        "setp.lt.u32 %p_, %col_, $14;",
+        "mad.wide.u32 %a_, %col_, 4, $12;", "mov.b32 %z_, 0;", "@%p_ ld.global.nc.b32 %z_, [%a_];",
+        "mad.wide.u32 %a_, %col_, 16, $13;",
+        "mov.b32 $8, 0;", "mov.b32 $9, 0;", "mov.b32 $10, 0;", "mov.b32 $11, 0;",
+        "@%p_ ld.global.nc.v4.b32 {$8, $9, $10, $11}, [%a_];",
+        # bytes 0-1 hold nibbles 0-3 (columns 0, 2, 4, 6), bytes 2-3 nibbles 4-7 (columns 1, 3, 5, 7); copied into
+        # both halves, one lop3 makes a pair of equal halves
+        "prmt.b32 %zl_, %z_, %z_, 0x5410;", "prmt.b32 %zh_, %z_, %z_, 0x7632;", "mov.b32 %c16_, 0x2C002C00;",
+    ]  # fmt: skip
+    for j in range(8):
+        src = "%zl_" if j % 2 == 0 else "%zh_"
+        if bf16:  # -(128 + z): the nibble ORed into the mantissa of bf16 -128 (0xC300)
+            lines += [f"shr.u32 %zt_, {src}, {4 * (j // 2)};", f"lop3.b32 ${j}, %zt_, 0x000f000f, 0xC300C300, 0xEA;"]
+        else:  # fp16: -(1024 + z) for a low nibble; for a high one -(1024 + 16 z) / 16 = -(64 + z)
+            high = (j // 2) % 2
+            lines += [f"shr.u32 %zt_, {src}, {8 * (j // 4)};"]
+            lines.append(f"lop3.b32 ${j}, %zt_, {'0x00f000f0' if high else '0x000f000f'}, 0xE400E400, 0xEA;")
+            if high:
+                lines.append(f"mul.rn.f16x2 ${j}, ${j}, %c16_;")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _ptx_step(bf16: bool) -> str:
+    """16 rows: operands $0-$15 group sums out; $16-$19 the lane's words of rows 4t .. 4t+3, $20-$21 its x pairs,
+    $22-$33 the group constants, $34-$49 group sums in. lop3 0xEA is (a & b) | c."""
+    ty = "bf16" if bf16 else "f16"
+    w = [f"${16 + r}" for r in range(4)]
+    x = ["$20", "$21"]
+    lines = ["{", ".reg .b32 %p0_, %p1_, %q0_, %q1_, %s_, %h_, %k_;", ".reg .b32 %a<16>;",
+             # p: bytes 0-1 of two rows' words (columns 0, 2, 4, 6), q: bytes 2-3 (columns 1, 3, 5, 7)
+             f"prmt.b32 %p0_, {w[0]}, {w[1]}, 0x5410;", f"prmt.b32 %q0_, {w[0]}, {w[1]}, 0x7632;",
+             f"prmt.b32 %p1_, {w[2]}, {w[3]}, 0x5410;", f"prmt.b32 %q1_, {w[2]}, {w[3]}, 0x7632;",
+             "mov.b32 %k_, 0x3F803F80;" if bf16 else "mov.b32 %k_, 0x2C002C00;"]  # fmt: skip
+    for j in range(8):  # column j of the word, rows pair p: %a<2j + p> = q - z as two halves
+        for p in range(2):
+            src = f"%{'p' if j % 2 == 0 else 'q'}{p}_"
+            out, zero = f"%a{2 * j + p}", f"${22 + j}"
+            if bf16:
+                lines += [f"shr.u32 %s_, {src}, {4 * (j // 2)};", "lop3.b32 %h_, %s_, 0x000f000f, 0x43004300, 0xEA;"]
+                lines.append(f"fma.rn.bf16x2 {out}, %h_, %k_, {zero};")
+            else:
+                high = (j // 2) % 2
+                if j >= 4:
+                    lines.append(f"shr.u32 %s_, {src}, 8;")
+                    src = "%s_"
+                lines.append(f"lop3.b32 %h_, {src}, {'0x00f000f0' if high else '0x000f000f'}, 0x64006400, 0xEA;")
+                lines.append(f"fma.rn.f16x2 {out}, %h_, %k_, {zero};" if high else f"add.rn.f16x2 {out}, %h_, {zero};")
+    for i in range(4):
+        a = f"%a{4 * i}, %a{4 * i + 2}, %a{4 * i + 1}, %a{4 * i + 3}"
+        d = ", ".join(f"${4 * i + r}" for r in range(4))
+        c = ", ".join(f"${34 + 4 * i + r}" for r in range(4))
+        lines.append(
+            f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{d}}}, {{{a}}}, {{{x[0]}, {x[1]}}}, {{{c}}};"
+        )
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _ptx_epilogue(bf16: bool) -> str:
+    """acc += group sums * scale: $0-$15 out; $16-$31 acc, $32-$47 group sums, $48-$59 group constants (scales in
+    $56-$59). Accumulator 4i + r belongs to column 2i (r < 2) or 2i + 1 (r >= 2) of the lane's word."""
+    lines = ["{", ".reg .b32 %lo_, %hi_;", ".reg .b16 %l16_, %h16_;"]
+    for i in range(4):
+        if bf16:
+            lines += [f"shl.b32 %lo_, ${56 + i}, 16;", f"and.b32 %hi_, ${56 + i}, 0xFFFF0000;"]
+        else:
+            lines += [f"mov.b32 {{%l16_, %h16_}}, ${56 + i};", "cvt.f32.f16 %lo_, %l16_;", "cvt.f32.f16 %hi_, %h16_;"]
+        for r in range(4):
+            lines.append(
+                f"fma.rn.f32 ${4 * i + r}, ${32 + 4 * i + r}, {'%lo_' if r < 2 else '%hi_'}, ${16 + 4 * i + r};"
+            )
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _ptx_store() -> str:
+    """Writes the lane's sums: D rows g, g+8 are its columns, D columns 2t, 2t+1 rows of x. $0 dummy output; $1-$16
+    accumulators, $17 out address of row m0 at the program's first column, $18 N, $19 rows of x left, $20 word
+    columns left."""
+    lines = ["{", _PTX_LANE, ".reg .pred %pc_, %pr_;", ".reg .b32 %row_, %c8_;", ".reg .b64 %a_, %off_, %c64_;",
+             "mov.b32 $0, 0;", "setp.lt.u32 %pc_, %col_, $20;", "shl.b32 %row_, %t_, 1;",
+             "mul.wide.u32 %off_, %row_, $18;", "shl.b32 %c8_, %col_, 3;", "cvt.u64.u32 %c64_, %c8_;",
+             "add.u64 %off_, %off_, %c64_;", "shl.b64 %off_, %off_, 2;", "add.u64 %a_, $17, %off_;"]  # fmt: skip
+    for parity in range(2):  # x row 2t takes D columns 2t (even registers), row 2t + 1 the odd ones
+        if parity:
+            lines += ["add.u32 %row_, %row_, 1;", "mul.wide.u32 %off_, $18, 4;", "add.u64 %a_, %a_, %off_;"]
+        lines += ["setp.lt.u32 %pr_, %row_, $19;", "and.pred %pr_, %pr_, %pc_;"]
+        vals = [f"${1 + 4 * i + 2 * h + parity}" for i in range(4) for h in range(2)]
+        lines.append(f"@%pr_ st.global.v4.f32 [%a_], {{{', '.join(vals[:4])}}};")
+        lines.append(f"@%pr_ st.global.v4.f32 [%a_+16], {{{', '.join(vals[4:])}}};")
+    lines.append("fence.acq_rel.gpu;")  # the sums are visible GPU-wide before this program reports it is done
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_MMA_LANES = tl.constexpr(_ptx_lanes())
+_MMA_GROUP_F16 = tl.constexpr(_ptx_group(bf16=False))
+_MMA_GROUP_BF16 = tl.constexpr(_ptx_group(bf16=True))
+_MMA_STEP_F16 = tl.constexpr(_ptx_step(bf16=False))
+_MMA_STEP_BF16 = tl.constexpr(_ptx_step(bf16=True))
+_MMA_EPILOGUE_F16 = tl.constexpr(_ptx_epilogue(bf16=False))
+_MMA_EPILOGUE_BF16 = tl.constexpr(_ptx_epilogue(bf16=True))
+_MMA_STORE = tl.constexpr(_ptx_store())
+_R = tl.constexpr  # constraint strings: "=r" out, "r" 32-bit in, "l" 64-bit in
+_C_LANES = _R("=l,=l,r,r,r,r,r")
+_C_LOAD = _R(",".join(["=r"] * 24 + ["l"] * 4))
+_C_GROUP = _R(",".join(["=r"] * 12 + ["l", "l", "r", "r"]))
+_C_STEP = _R(",".join(["=r"] * 16 + ["r"] * 34))
+_C_EPILOGUE = _R(",".join(["=r"] * 16 + ["r"] * 44))
+_C_STORE = _R(",".join(["=r"] + ["r"] * 16 + ["l", "r", "r", "r"]))
+
+
+@triton.jit
+def _mma_load(LOAD: tl.constexpr, qweight, qweight_lane, x, x_lane):
+    args = (qweight.to(tl.int64), qweight_lane, x.to(tl.int64), x_lane)
+    return tl.inline_asm_elementwise(LOAD, _C_LOAD, args, dtype=(tl.int32,) * 24, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma_group(lanes, qzeros, scales, columns_left, IS_BF16: tl.constexpr):
+    asm: tl.constexpr = _MMA_GROUP_BF16 if IS_BF16 else _MMA_GROUP_F16
+    args = (qzeros.to(tl.int64), scales.to(tl.int64), columns_left, lanes)
+    return tl.inline_asm_elementwise(asm, _C_GROUP, args, dtype=(tl.int32,) * 12, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma_substep(step, consts, sums, SUB: tl.constexpr, IS_BF16: tl.constexpr):
+    """Rows 16 SUB .. 16 SUB + 15 of a step (its words 4 SUB .. 4 SUB + 3 and x pair SUB) into the group sums."""
+    asm: tl.constexpr = _MMA_STEP_BF16 if IS_BF16 else _MMA_STEP_F16
+    mine = (
+        step[4 * SUB],
+        step[4 * SUB + 1],
+        step[4 * SUB + 2],
+        step[4 * SUB + 3],
+        step[16 + 2 * SUB],
+        step[17 + 2 * SUB],
+    )
+    return tl.inline_asm_elementwise(asm, _C_STEP, mine + consts + sums, dtype=(tl.float32,) * 16, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma_epilogue(acc, sums, consts, IS_BF16: tl.constexpr):
+    asm: tl.constexpr = _MMA_EPILOGUE_BF16 if IS_BF16 else _MMA_EPILOGUE_F16
+    return tl.inline_asm_elementwise(asm, _C_EPILOGUE, acc + sums + consts, dtype=(tl.float32,) * 16, is_pure=True,
+                                     pack=1)  # fmt: skip
+
+
+@triton.jit
+def _gemv_mma_kernel(
+    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, partial_ptr, M, K, N8, G, K_SPLIT, out_ptr, done_ptr,
+    LOAD: tl.constexpr, IS_BF16: tl.constexpr, WARPS: tl.constexpr,
+):  # fmt: skip
+    """Program (c, s, m): word columns c*8*WARPS.., rows s*K_SPLIT.. (whole 64-row steps), rows m*8.. of x.
+
+    Each program writes its fp32 partial sums to partial[s]; the last program of a column block to finish (counted
+    in done_ptr, which it resets) adds the partials up in the order s = 0, 1, .. (deterministic) and writes y. The
+    inline-PTX tensors have one element per thread: each carries one register of every thread, and the PTX works
+    out the thread's role from its lane id.
+    """
+    STEP: tl.constexpr = 64
+    BLOCK_N: tl.constexpr = 64 * WARPS  # output columns
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    N = N8 * 8
+    c0 = pid_c * 8 * WARPS
+    m0 = pid_m * 8
+    k_start = pid_s * K_SPLIT
+    k_end = tl.minimum(k_start + K_SPLIT, K)
+    lanes = tl.arange(0, 32 * WARPS)
+    zero = tl.zeros([32 * WARPS], dtype=tl.float32)
+    lane_args = (N8, K, N8 - c0, M - m0, lanes)
+    qweight_lane, x_lane = tl.inline_asm_elementwise(_MMA_LANES, _C_LANES, lane_args, dtype=(tl.int64, tl.int64),
+                                                     is_pure=True, pack=1)  # fmt: skip
+    qweight = qweight_ptr + c0
+    x = x_ptr + m0 * K
+    acc = (zero,) * 16
+    step = _mma_load(LOAD, qweight + k_start * N8, qweight_lane, x + k_start, x_lane)
+    for group in range(k_start // G, tl.cdiv(k_end, G)):
+        consts = _mma_group(lanes, qzeros_ptr + group * N8 + c0, scales_ptr + group * N + c0 * 8, N8 - c0, IS_BF16)
+        sums = (zero,) * 16
+        for k in range(tl.maximum(group * G, k_start), tl.minimum(group * G + G, k_end), STEP):
+            # Prefetch the next step while this one computes; the last step reloads itself (L2 hits, no branch).
+            k_next = tl.minimum(k + STEP, k_end - STEP)
+            next_step = _mma_load(LOAD, qweight + k_next * N8, qweight_lane, x + k_next, x_lane)
+            for sub in tl.static_range(4):
+                sums = _mma_substep(step, consts, sums, sub, IS_BF16)
+            step = next_step
+        acc = _mma_epilogue(acc, sums, consts, IS_BF16)
+    partial = (partial_ptr + (pid_s * M + m0) * N + c0 * 8).to(tl.int64)
+    tl.inline_asm_elementwise(_MMA_STORE, _C_STORE, acc + (partial, N, M - m0, N8 - c0), dtype=tl.int32,
+                              is_pure=False, pack=1)  # fmt: skip
+    # Split-K without a second kernel: every thread's sums are stored and fenced; count this program in.
+    tl.debug_barrier()
+    done = done_ptr + pid_m * tl.num_programs(0) + pid_c
+    split = tl.num_programs(1)
+    if tl.atomic_add(done, 1, sem="acq_rel") == split - 1:
+        cols = c0 * 8 + tl.arange(0, BLOCK_N)
+        for row in range(m0, tl.minimum(m0 + 8, M)):  # one row at a time: few registers
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for s in range(split):  # .cg: read through L2, where the other programs' sums are
+                total += tl.load(partial_ptr + (s * M + row) * N + cols, mask=cols < N, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + row * N + cols, total.to(out_ptr.dtype.element_ty), mask=cols < N)
+        tl.atomic_xchg(done, 0)  # ready for the next call
+
+
 @triton.jit
 def _sum_splits_kernel(partial_ptr, out_ptr, SPLIT_K, MN, BLOCK: tl.constexpr):
     """out[i] = sum over s of partial[s, i], in order s = 0, 1, ..: the result does not depend on timing."""
@@ -232,42 +517,76 @@ def _sum_splits_kernel(partial_ptr, out_ptr, SPLIT_K, MN, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, total, mask=mask)
 
 
-def _gemv_config(M: int, K: int, N: int, G: int, num_sms: int = 132, dot_ok: bool = True, **fixed) -> dict:
+def _gemv_config(M: int, K: int, N: int, G: int, num_sms: int = 132, kernels=("mma", "dot", "fma"), **fixed) -> dict:
     """Launch configuration of awq_gemv; `fixed` overrides any key (see GEMV_CONFIG), the others adapt to it.
 
-    dot: the tensor-core kernel (default for M > 1) or the CUDA-core FMA kernel (M == 1).
+    kernel: "mma" (tensor cores fed straight from the packed words; CUDA only, G a multiple of 64), "dot" (tl.dot on
+    dequantized tiles; M > 1) or "fma" (CUDA-core FMAs). `kernels` lists those that can run here, best first.
     BLOCK_M: rows of x per program. BLOCK_N: output columns per program. BLOCK_K: K rows per pipelined step (a
     power of two dividing G). SPLIT_K: programs along K, each given a whole number of steps (effective value).
     num_warps, num_stages: per program; num_stages is the depth of the software pipeline over K.
-    The default aims at about four programs per SM, each streaming a long slice of K.
+    "mma" fixes BLOCK_M = 8, BLOCK_K = 64 and BLOCK_N = 64 * num_warps (a warp takes 64 columns).
     """
-    known = ("dot", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
+    known = ("kernel", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
     fixed = _known("gemv_config", dict.fromkeys(known), fixed)
-    dot = fixed.get("dot", dot_ok and M > 1 and _pow2_divisor(G) >= 16)
-    if dot:
+    usable = [k for k in kernels if k != "dot" or (M > 1 and _pow2_divisor(G) >= 16)]
+    kernel = fixed.get("kernel", usable[0] if usable else "fma")
+    if kernel not in kernels:
+        raise ValueError(f"gemv_config: kernel {kernel!r} cannot run here; available: {list(kernels)}")
+    if kernel == "mma":
+        cfg = {"BLOCK_M": 8, "BLOCK_K": 64, "num_warps": fixed.get("num_warps", 4), "num_stages": 1}
+        cfg["BLOCK_N"] = 64 * cfg["num_warps"]
+        clash = {k: v for k, v in fixed.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") and v != cfg[k]}
+        if clash:
+            raise ValueError(
+                f"gemv_config: the mma kernel takes BLOCK_M = 8, BLOCK_K = 64, BLOCK_N = 64 * num_warps: {clash}"
+            )
+        _check_pow2("gemv_config", cfg, ("num_warps",), minimum={})
+    elif kernel == "dot":
         cfg = {"BLOCK_M": min(64, max(16, triton.next_power_of_2(M))), "BLOCK_N": 128, "BLOCK_K": 64}
     else:
         # One x row per program; 256 columns and 64 rows per step were best on an H200 across shapes.
         cfg = {"BLOCK_M": 1, "BLOCK_N": 256, "BLOCK_K": 64}
-    cfg.update(dot=dot, num_warps=4, num_stages=3)
-    cfg.update({key: value for key, value in fixed.items() if key != "SPLIT_K"})
-    if not dot:
-        cfg["BLOCK_M"] = 1  # the FMA kernel takes one row of x per program
-    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], _pow2_divisor(G))
-    _check_pow2("gemv_config", cfg, ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"), minimum={"BLOCK_N": 8})
-    if dot and (cfg["BLOCK_K"] < 16 or cfg["BLOCK_M"] < 16 or cfg["BLOCK_N"] < 16):
-        raise ValueError(f"gemv_config: tl.dot needs BLOCK_M, BLOCK_N, BLOCK_K >= 16 (BLOCK_K divides G = {G}): {cfg}")
+    if kernel != "mma":
+        cfg.update(num_warps=4, num_stages=3)
+        cfg.update({key: value for key, value in fixed.items() if key not in ("kernel", "SPLIT_K")})
+        if kernel == "fma":
+            cfg["BLOCK_M"] = 1  # the FMA kernel takes one row of x per program
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], _pow2_divisor(G))
+        _check_pow2("gemv_config", cfg, ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"), minimum={"BLOCK_N": 8})
+        if kernel == "dot" and min(cfg["BLOCK_K"], cfg["BLOCK_M"], cfg["BLOCK_N"]) < 16:
+            raise ValueError(
+                f"gemv_config: tl.dot needs BLOCK_M, BLOCK_N, BLOCK_K >= 16 (BLOCK_K divides G = {G}): {cfg}"
+            )
+    cfg["kernel"] = kernel
     steps = K // cfg["BLOCK_K"]
+    programs = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(M, cfg["BLOCK_M"])
     if "SPLIT_K" in fixed:
         split_k = max(1, min(int(fixed["SPLIT_K"]), steps))
+    elif kernel == "mma":
+        # About eight programs per SM keep enough loads in flight; more splits cost more partial sums to add up.
+        split_k = max(1, min(round(8 * num_sms / programs), steps // 2))
     else:
-        programs = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(M, cfg["BLOCK_M"])
-        want = max(1, round(8 * num_sms / programs))
+        want = max(1, round(8 * num_sms / programs))  # about eight programs per SM
         # A divisor of the step count gives every program the same amount of work; four steps at least each.
         divisors = [d for d in range(1, max(1, steps // 4) + 1) if steps % d == 0]
         split_k = min(divisors, key=lambda d: max(d / want, want / d))
     cfg["SPLIT_K"] = triton.cdiv(steps, triton.cdiv(steps, split_k))  # what whole steps per program give
     return {key: cfg[key] for key in known}
+
+
+def _gemv_kernels(x: torch.Tensor, scales: torch.Tensor, G: int) -> tuple:
+    """The GEMV kernels that can run on these inputs, best first."""
+    if not x.is_cuda:
+        # The CPU interpreter runs no inline PTX, and its tl.dot gets bfloat16 wrong.
+        return ("fma",) if x.dtype == torch.bfloat16 else ("dot", "fma")
+    kernels = ("dot", "fma")
+    mma_ok = (
+        torch.cuda.get_device_capability(x.device)[0] >= 8  # mma.sync m16n8k16 on fp16 and bf16
+        and G % 64 == 0  # a 64-row step lies in one group
+        and x.data_ptr() % 16 == 0 and scales.data_ptr() % 16 == 0  # 8- and 16-byte vector loads
+    )  # fmt: skip
+    return ("mma",) + kernels if mma_ok else kernels
 
 
 def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor) -> torch.Tensor:
@@ -285,28 +604,32 @@ def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out
-    # The CPU interpreter (tests) runs programs one after the other, so few big ones are fastest there; and its
-    # tl.dot gets bfloat16 wrong.
+    x, qweight, scales, qzeros = x.contiguous(), qweight.contiguous(), scales.contiguous(), qzeros.contiguous()
+    # The CPU interpreter runs programs one after the other, so few big ones are fastest there.
     num_sms = _num_sms(x.device) if x.is_cuda else 1
-    dot_ok = x.is_cuda or x.dtype != torch.bfloat16
-    cfg = _gemv_config(M, K, N, G, num_sms, dot_ok, **(GEMV_CONFIG or {}))
-    if cfg["dot"] and not dot_ok:
-        raise ValueError("awq_gemv: the Triton CPU interpreter computes tl.dot on bfloat16 wrongly; use dot=False")
-    block_m, block_n, block_k, split_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
+    cfg = _gemv_config(M, K, N, G, num_sms, _gemv_kernels(x, scales, G), **(GEMV_CONFIG or {}))
+    kernel, block_m, block_n, block_k, split_k = (
+        cfg[k] for k in ("kernel", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")
+    )
     k_split = triton.cdiv(K // block_k, split_k) * block_k  # K rows per program, a whole number of steps
-    partial = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
-    args = (x.contiguous(), qweight.contiguous(), scales.contiguous(), qzeros.contiguous(), partial, M, K, N // 8, G)
+    to_sum = split_k > 1 or kernel == "mma"  # the mma kernel always writes fp32 partial sums
+    partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if to_sum else out
+    args = (x, qweight, scales, qzeros, partial, M, K, N // 8, G, k_split)
     grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
-    launch = {"num_warps": cfg["num_warps"]}
-    if cfg["dot"]:
+    warps = cfg["num_warps"]
+    if kernel == "mma":
+        done = _done_counters(x.device, grid[0] * grid[2])
+        bf16 = x.dtype == torch.bfloat16
+        _gemv_mma_kernel[grid](*args, out, done, LOAD=_ptx_load(N // 8), IS_BF16=bf16, WARPS=warps, num_warps=warps)
+    elif kernel == "dot":
         _gemv_dot_kernel[grid](
-            *args, k_split, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, NUM_STAGES=cfg["num_stages"], **launch
+            *args, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, NUM_STAGES=cfg["num_stages"], num_warps=warps
         )
     else:
         _gemv_fma_kernel[grid](
-            *args, k_split, BLOCK_K=block_k, BLOCK_C=block_n // 8, NUM_STAGES=cfg["num_stages"], **launch
+            *args, BLOCK_K=block_k, BLOCK_C=block_n // 8, NUM_STAGES=cfg["num_stages"], num_warps=warps
         )
-    if split_k > 1:
+    if to_sum and kernel != "mma":  # the mma kernel adds its partial sums up itself
         block = 1024
         _sum_splits_kernel[(triton.cdiv(M * N, block),)](partial, out, split_k, M * N, BLOCK=block, num_warps=4)
     return out
@@ -315,6 +638,18 @@ def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------
+
+
+_DONE: dict = {}  # device -> int32 counters of _gemv_mma_kernel, all zero between calls
+
+
+def _done_counters(device: torch.device, n: int) -> torch.Tensor:
+    """n zeroed int32 counters on `device`; each program block of _gemv_mma_kernel leaves its counter at zero again
+    (calls on one stream run one after the other, so they never share a counter at the same time)."""
+    counters = _DONE.get(device)
+    if counters is None or counters.numel() < n:
+        counters = _DONE[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return counters
 
 
 @functools.cache

@@ -278,7 +278,7 @@ def assert_gemv_close(got, x, qweight, scales, qzeros, what=""):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 3, 16])
 def test_gemv_matches_fp32_reference(awq, poisoned, M, dtype):
-    K, N, G = 256, 136, 64
+    K, N, G = 256, 144, 64  # N: a tail in every tile width; a multiple of 16, as fast GPU paths may want
     qweight, scales, qzeros = random_awq(K, N, G, dtype, seed=9)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype).to(DEVICE)
     inputs = [t.clone() for t in (x, qweight, scales, qzeros)]
@@ -287,7 +287,7 @@ def test_gemv_matches_fp32_reference(awq, poisoned, M, dtype):
         assert torch.equal(before, after), "awq_gemv modified its inputs"
 
 
-@pytest.mark.parametrize("K,N,G", [(32, 8, 32), (128, 24, 128), (384, 264, 128), (40, 16, 40)])
+@pytest.mark.parametrize("K,N,G", [(32, 8, 32), (128, 24, 128), (384, 264, 128), (384, 272, 128), (40, 16, 40)])
 def test_gemv_covers_tails_and_group_sizes(awq, poisoned, K, N, G):
     qweight, scales, qzeros = random_awq(K, N, G, seed=10)
     x = torch.randn(2, K, generator=torch.Generator().manual_seed(K)).half().to(DEVICE)

@@ -9,11 +9,12 @@ of the word's group of eight columns.
 K*N/2 bytes and writes K*N*2, so it is a memory-bound kernel whose job is wide, coalesced loads and stores.
 
 `awq_gemv` computes x @ W for the few rows of x of a decode step without ever writing W to memory: at batch 1 its cost
-is reading the K*N/2 packed bytes once. On an NVIDIA GPU (batch 1 to 16, G a multiple of 32) it feeds the tensor cores
-straight from the packed words: two integer instructions turn two nibbles into an exact fp16/bf16 pair, and
-mma.sync does the multiply-add, in inline PTX because Triton cannot place registers the way an mma wants them (the
-section "Batch 1 to 16 on an NVIDIA GPU" explains the mapping). Programs also split K; the last program of a column
-block to finish adds the fp32 partial sums up in a fixed order (deterministic, unlike atomics), in the same kernel.
+is reading the K*N/2 packed bytes once. On an NVIDIA GPU (batch 1 to 16, G a multiple of 32) it feeds the tensor
+cores straight from the packed words: a byte permute, a mask-or and one add turn two nibbles into an exact pair of
+q - z, and mma.sync does the multiply-add, in inline PTX because Triton cannot place registers the way an mma wants
+them (the section "Batch 1 to 16 on an NVIDIA GPU" explains the mapping). Programs also split K; the last program of
+a column block to finish adds the fp32 partial sums up in a fixed order (deterministic, unlike atomics), in the same
+kernel.
 Elsewhere (the CPU interpreter, odd group sizes) two portable Triton kernels do the work:
   * batch 1: CUDA-core FMAs with no integer -> float conversions (a quarter-rate pipe): a nibble ORed into the
     mantissa of 2^23 is the float 2^23 + q, and subtracting 2^23 + z gives q - z exactly; small per-program
@@ -233,14 +234,16 @@ def _gemv_dot_kernel(
 # so the per-thread work is inline PTX (tl.inline_asm_elementwise over a tensor with one element per thread) and
 # every thread works out its role from its own lane id; Triton keeps the loops, the split-K and the group logic.
 #
-# The product is y^T = W^T x^T: A = 16 output columns x 16 rows of W, B = 16 rows of x^T x 8 rows of x (batch rows
-# past M are zeros), D = fp32 accumulators. In an m16n8k16 the lane with group g = lane // 4 and t = lane % 4 holds
-# A[g][2t, 2t+1], A[g+8][2t, 2t+1], A[g][2t+8, 2t+9], A[g+8][2t+8, 2t+9] (two halves per register, the lower k first)
-# and B[2t, 2t+1][g], B[2t+8, 2t+9][g]. Which real rows and columns those indices stand for is ours to choose, so:
+# The product is y^T = W^T x^T: A (16 x 16) = 16 output columns by 16 rows of W, B (16 x 8) = the same 16 K-indices
+# by 8 batch rows of x (rows past M read row m0 and are never stored), D = fp32 accumulators. In an m16n8k16 the
+# lane with group g = lane // 4 and t = lane % 4 holds A[g][2t, 2t+1], A[g+8][2t, 2t+1], A[g][2t+8, 2t+9],
+# A[g+8][2t+8, 2t+9] (two halves per register, the lower k first) and B[2t, 2t+1][g], B[2t+8, 2t+9][g]. Which
+# real rows and columns those indices stand for is ours to choose, so:
 #   * lane (g, t) of warp w reads two adjacent packed word columns, 16w + 2g and 16w + 2g + 1 of the program's, in
 #     rows 4t .. 4t+3 of each 16 rows: mma k = 2t, 2t+1 are rows 4t, 4t+1 and k = 2t+8, 2t+9 rows 4t+2, 4t+3 (and x
-#     is read to match). Two words per lane make a warp read 64 contiguous bytes of a row: with 32, a pure read of
-#     the matrix stays under 75% of copy bandwidth on an H200 (every L2 request then carries one 32-byte sector);
+#     is read to match). Two words per lane make a warp read 64 contiguous bytes of a row: with one word per lane
+#     (32 bytes a row), even a pure read of the matrix stays under 75% of copy bandwidth on an H200 (every L2
+#     request then carries one 32-byte sector: fixtures/probe_strip_read.py);
 #   * a word's eight columns feed four mmas: mma i takes column 2i as A row g and column 2i+1 as A row g+8.
 # A byte permute (prmt) puts the same nibble of two rows' words into the two halves of a register; ORing nibbles
 # into the mantissa of 1024 (fp16 0x6400) or 128 (bf16 0x4300) makes 1024 + q exactly, and adding -(1024 + z)
@@ -248,6 +251,10 @@ def _gemv_dot_kernel(
 # For fp16 the high nibble of a byte is read as 1024 + 16 q and scaled by 1/16 in the same fma (fewer shifts).
 # Multiplying by the scale rounds once, to exactly the reference's W; the mmas then add x * W up in fp32.
 # Loads of the next 32-row step are issued before the current one is computed (one step of prefetch in registers).
+#
+# What this asks of Triton: Triton lays a [32 * WARPS] tensor out one element per thread, so each such tensor is one
+# register of every thread and every thread runs each PTX block once. The PTX never uses the element index, only
+# %tid.x, so any layout that has every thread run every block (as the mma needs: all 32 lanes together) would do.
 
 _PTX_LANE = """
 .reg .b32 %tid_, %lane_, %g_, %t_, %w_, %cp_;
@@ -265,7 +272,8 @@ def _ptx_lanes() -> str:
     """Per-thread byte offsets: $0 into qweight (row 4t, word column cp), $1 into x (row g, column 4t).
 
     Inputs: $2 N/8, $3 K, $4 word columns left from the program's first, $5 rows of x left. A lane past the last
-    column or row reads column 0 or row 0 instead (valid memory, branch-free); its results are never stored.
+    column or row reads the program's first word column or x row m0 instead (valid memory, branch-free); its
+    results are never stored.
     """
     return "\n".join([
         "{", _PTX_LANE, ".reg .pred %p_;", ".reg .b32 %row_;", ".reg .b64 %c64_;",
@@ -296,9 +304,10 @@ def _ptx_load(n8: int) -> str:
 
 
 def _ptx_group(bf16: bool) -> str:
-    """A group's constants for the lane's two word columns e = 0, 1: $8e+j = -(magic + z) of column j (both halves),
-    $16+4e+i the raw scale registers (columns 2i, 2i+1 in register i). Inputs: $24 qzeros and $25 scales addresses
-    of the group row at the program's first column, $26 word columns left."""
+    """A group's constants for the lane's two word columns e = 0, 1: $8e+j = what column j's q - z step adds (both
+    halves): -(1024 + z) for fp16 low nibbles, -(64 + z) for fp16 high nibbles, -(128 + z) for bf16; $16+4e+i the
+    raw scale registers (columns 2i, 2i+1 in register i). Inputs: $24 qzeros and $25 scales addresses of the group row
+    at the program's first column, $26 word columns left."""
     lines = [
         "{", _PTX_LANE, ".reg .pred %p_;", ".reg .b32 %z0_, %z1_, %zl_, %zh_, %zt_, %c16_;", ".reg .b64 %a_;",
         "setp.lt.u32 %p_, %cp_, $26;", "mov.b32 %z0_, 0;", "mov.b32 %z1_, 0;",
@@ -333,7 +342,9 @@ def _ptx_group(bf16: bool) -> str:
 def _ptx_step(bf16: bool) -> str:
     """16 rows: operands $0-$31 accumulators out; $32-$39 the lane's words (row r, word e: $32+2r+e), $40-$41 its x
     pairs, $42-$65 the group constants (as _ptx_group makes them), $66-$97 accumulators in. Accumulator 16e + 4i + r
-    is mma i of word e: column 2i (r < 2) or 2i + 1, row 2t + r % 2 of x. lop3 0xEA is (a & b) | c."""
+    is mma i of word e: column 2i (r < 2) or 2i + 1, row 2t + r % 2 of x. lop3 0xEA is (a & b) | c. For bf16, sm_80
+    has fma but no add or mul on bf16x2: adding is fma with 1.0 (0x3F80), multiplying fma with -0.0 (0x8000, the
+    additive identity that keeps a +0 product +0); each rounds once."""
     ty = "bf16" if bf16 else "f16"
     lines = ["{", ".reg .b32 %p0_, %p1_, %q0_, %q1_, %s_, %h_, %k_, %sc_, %nz_;", ".reg .b16 %slo_, %shi_;",
              ".reg .b32 %a<16>;", "mov.b32 %k_, 0x3F803F80;" if bf16 else "mov.b32 %k_, 0x2C002C00;",
@@ -510,7 +521,8 @@ def _gemv_config(M: int, K: int, N: int, G: int, num_sms: int = 132, kernels=("m
     """
     known = ("kernel", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
     fixed = _known("gemv_config", dict.fromkeys(known), fixed)
-    usable = [k for k in kernels if k != "dot" or (M > 1 and _pow2_divisor(G) >= 16)]
+    # mma pads x to 8-row tiles that each read all of W: past 16 rows tl.dot on dequantized tiles is the better bet.
+    usable = [k for k in kernels if (k != "dot" or (M > 1 and _pow2_divisor(G) >= 16)) and (k != "mma" or M <= 16)]
     kernel = fixed.get("kernel", usable[0] if usable else "fma")
     if kernel not in kernels:
         raise ValueError(f"gemv_config: kernel {kernel!r} cannot run here; available: {list(kernels)}")
@@ -520,7 +532,7 @@ def _gemv_config(M: int, K: int, N: int, G: int, num_sms: int = 132, kernels=("m
         clash = {k: v for k, v in fixed.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") and v != cfg[k]}
         if clash:
             raise ValueError(
-                f"gemv_config: the mma kernel takes BLOCK_M = 8, BLOCK_K = 64, BLOCK_N = 64 * num_warps: {clash}"
+                f"gemv_config: the mma kernel takes BLOCK_M = 8, BLOCK_K = 32, BLOCK_N = 128 * num_warps: {clash}"
             )
         _check_pow2("gemv_config", cfg, ("num_warps",), minimum={})
     elif kernel == "dot":
@@ -556,17 +568,21 @@ def _gemv_config(M: int, K: int, N: int, G: int, num_sms: int = 132, kernels=("m
     return {key: cfg[key] for key in known}
 
 
-def _gemv_kernels(x: torch.Tensor, scales: torch.Tensor, G: int) -> tuple:
-    """The GEMV kernels that can run on these inputs, best first."""
+def _gemv_kernels(x: torch.Tensor, scales: torch.Tensor, G: int, qweight=None, qzeros=None) -> tuple:
+    """The GEMV kernels that can run on these (contiguous) inputs, best first."""
     if not x.is_cuda:
         # The CPU interpreter runs no inline PTX, and its tl.dot gets bfloat16 wrong.
         return ("fma",) if x.dtype == torch.bfloat16 else ("dot", "fma")
     kernels = ("dot", "fma")
+    words = [t for t in (qweight, qzeros) if t is not None]
     mma_ok = (
-        torch.cuda.get_device_capability(x.device)[0] >= 8  # mma.sync m16n8k16 on fp16 and bf16
+        torch.version.hip is None  # inline PTX: NVIDIA only
+        and torch.cuda.get_device_capability(x.device)[0] >= 8  # mma.sync m16n8k16 on fp16 and bf16
         and G % 32 == 0  # a 32-row step lies in one group
-        and scales.shape[1] % 16 == 0  # a lane reads two words with one 8-byte load
-        and x.data_ptr() % 16 == 0 and scales.data_ptr() % 16 == 0  # 8- and 16-byte vector loads
+        and scales.shape[1] % 16 == 0  # a lane reads two words (8 bytes) at once; rows keep that alignment
+        and x.data_ptr() % 8 == 0  # 8-byte loads of x
+        and scales.data_ptr() % 16 == 0  # 16-byte loads of scales
+        and all(t.data_ptr() % 8 == 0 for t in words)  # 8-byte loads of qweight and qzeros (a view may start odd)
     )  # fmt: skip
     return ("mma",) + kernels if mma_ok else kernels
 
@@ -589,7 +605,7 @@ def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     x, qweight, scales, qzeros = x.contiguous(), qweight.contiguous(), scales.contiguous(), qzeros.contiguous()
     # The CPU interpreter runs programs one after the other, so few big ones are fastest there.
     num_sms = _num_sms(x.device) if x.is_cuda else 1
-    cfg = _gemv_config(M, K, N, G, num_sms, _gemv_kernels(x, scales, G), **(GEMV_CONFIG or {}))
+    cfg = _gemv_config(M, K, N, G, num_sms, _gemv_kernels(x, scales, G, qweight, qzeros), **(GEMV_CONFIG or {}))
     kernel, block_m, block_n, block_k, split_k = (
         cfg[k] for k in ("kernel", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")
     )
@@ -625,15 +641,20 @@ def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
 # ----------------------------------------------------------------------------------------------------------------
 
 
-_DONE: dict = {}  # device -> int32 counters of _gemv_mma_kernel, all zero between calls
+_DONE: dict = {}  # (device, stream) -> int32 counters of _gemv_mma_kernel, all zero between calls
 
 
 def _done_counters(device: torch.device, n: int) -> torch.Tensor:
-    """n zeroed int32 counters on `device`; each program block of _gemv_mma_kernel leaves its counter at zero again
-    (calls on one stream run one after the other, so they never share a counter at the same time)."""
-    counters = _DONE.get(device)
+    """n zeroed int32 counters for the current stream of `device`.
+
+    The last program of each column block of _gemv_mma_kernel sets its counter back to zero, and calls on one stream
+    run one after the other, so a call always finds its counters at zero. Calls on other streams get their own. (If
+    a launch dies half-way, the counters are left dirty: that device's CUDA context is unusable then anyway.)
+    """
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    counters = _DONE.get(key)
     if counters is None or counters.numel() < n:
-        counters = _DONE[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        counters = _DONE[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return counters
 
 

@@ -19,7 +19,7 @@ import pytest
 from . import device
 from .impl import IMPL_CHOICES, ImplementationError, Implementations
 from .scoring import Scoreboard, TestResult
-from .speed import Speed
+from .speed import HostSpeed, Speed
 from .timing import cuda_event_clock
 
 IMPLS = pytest.StashKey[Implementations]()
@@ -92,8 +92,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if needs_gpu and not device.cuda_available():
             reason = device.NO_GPU_REASON if item.get_closest_marker("speed") else device.NEEDS_GPU_REASON
             item.add_marker(pytest.mark.skip(reason=reason))
-        if "speed" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "speed" in fixtures:
             item.add_marker(pytest.mark.benchmark(timer=cuda_event_clock, group=f"exercise {exercise_of(item)}"))
+        elif "host_speed" in fixtures:
+            item.add_marker(pytest.mark.benchmark(group=f"exercise {exercise_of(item)} (host)"))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -106,7 +109,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             visibility = item.get_closest_marker("visibility")
             test = TestResult(item.nodeid, exercise, item.name, float(points.args[0]) if points else 1.0)
             test.visibility = visibility.args[0] if visibility else "visible"
-            test.speed_test = item.get_closest_marker("speed") is not None
+            test.speed_test = item.get_closest_marker("speed") is not None or "host_speed" in item.fixturenames
             scores.add(test)
 
 
@@ -207,7 +210,17 @@ def speed(request: pytest.FixtureRequest, benchmark) -> Speed:
         pytest.skip(device.NO_GPU_REASON)
     if benchmark.disabled:
         pytest.skip("speed not graded: benchmarks are disabled (--benchmark-disable, or pytest-xdist is running)")
+    return Speed(*_judge_arguments(request, benchmark))
+
+
+@pytest.fixture
+def host_speed(request: pytest.FixtureRequest, benchmark) -> HostSpeed:
+    """Times host (CPU) work with the host clock and judges it against the exercise's thresholds.toml; runs anywhere."""
+    return HostSpeed(*_judge_arguments(request, benchmark))
+
+
+def _judge_arguments(request: pytest.FixtureRequest, benchmark) -> tuple:
     exercise = exercise_of(request.node) or request.path.parent.name
     thresholds = request.config.rootpath / "exercises" / exercise / "thresholds.toml"
     impls = request.config.stash[IMPLS]
-    return Speed(request.node.nodeid, benchmark, impls.kind, thresholds, request.config.stash[SCORES])
+    return request.node.nodeid, benchmark, impls.kind, thresholds, request.config.stash[SCORES]

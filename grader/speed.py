@@ -1,4 +1,4 @@
-"""The `speed` fixture: times GPU work the same way in every exercise and judges it against a threshold.
+"""The `speed` and `host_speed` fixtures: time work the same way in every exercise and judge it against a threshold.
 
     def test_dequant_bandwidth(impl, speed):
         timing = speed.bench(kernel, setup=fresh_inputs, check=compare_with_reference)
@@ -9,10 +9,22 @@
 CUDA-event clock. `time` measures baselines in the same test with the same method. Both call `setup()` for fresh
 inputs before every call, flush L2 outside the timed region, warm up first, and hand every timed result to
 `check`, so a fast wrong answer never passes. Thresholds come from the exercise's thresholds.toml, never seconds.
+
+`host_speed` is the same discipline for work that runs on the CPU (an allocator, a scheduler), graded on every
+machine, CPU-only CI included:
+
+    def test_allocate_is_constant_time(impl, host_speed):
+        timings = host_speed.compare({"small pool": (op, small_setup), "large pool": (op, large_setup)})
+        ratio = timings["large pool"].median / timings["small pool"].median
+        host_speed.judge("large_over_small_pool", ratio)
+
+`compare` times its calls interleaved, so both medians see the same machine load (grader/timing.py).
 """
 
 from __future__ import annotations
 
+import gc
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +33,7 @@ import pytest
 from . import device
 from .scoring import Scoreboard, SpeedResult
 from .thresholds import resolve
-from .timing import L2Flusher, Timing, copy_bandwidth, time_calls
+from .timing import L2Flusher, Timing, copy_bandwidth, time_calls, time_host_calls, time_host_interleaved
 
 Setup = Callable[[], tuple[tuple, dict]]
 
@@ -35,18 +47,43 @@ def session_copy_bandwidth() -> float:
     return _session_bandwidth[0]
 
 
-class Speed:
+class Judge:
+    """Records a measured ratio against its threshold and fails the test, with a clear message, if it misses."""
+
     def __init__(self, nodeid: str, benchmark, impl: str, thresholds: Path, scoreboard: Scoreboard):
         self.nodeid = nodeid
         self.benchmark = benchmark
         self.impl = impl
         self.thresholds = thresholds
         self.scoreboard = scoreboard
-        self.flush = L2Flusher()
 
     @property
-    def gpu(self) -> str:
+    def gpu(self) -> str | None:
         return device.gpu_name()
+
+    @property
+    def hardware(self) -> str:
+        return f"GPU {self.gpu}"
+
+    def judge(self, name: str, measured: float, *, roofline: float | None = None, detail: str = "") -> None:
+        """Record `measured` against the threshold `name` and fail the test with a clear message if it misses."""
+        threshold = resolve(self.thresholds, name, self.impl, self.gpu)
+        passed = threshold.passes(measured)
+        self.scoreboard.record_speed(self.nodeid, SpeedResult(threshold, measured, passed, roofline, detail))
+        self.benchmark.extra_info[name] = measured
+        self.benchmark.extra_info[f"{name}_threshold"] = f"{threshold.symbol} {threshold.value:g}"
+        if not passed:
+            pytest.fail(
+                f"{threshold.what}: measured {measured:.3g}, needs {threshold.symbol} {threshold.value:g} "
+                f"(threshold {threshold.source}, {self.hardware}). {detail}".strip(),
+                pytrace=False,
+            )
+
+
+class Speed(Judge):
+    def __init__(self, nodeid: str, benchmark, impl: str, thresholds: Path, scoreboard: Scoreboard):
+        super().__init__(nodeid, benchmark, impl, thresholds, scoreboard)
+        self.flush = L2Flusher()
 
     @property
     def copy_bandwidth(self) -> float:
@@ -85,16 +122,47 @@ class Speed:
         self.benchmark.extra_info.update(bytes=nbytes, bytes_per_s=achieved, roofline_fraction=fraction)
         return fraction
 
-    def judge(self, name: str, measured: float, *, roofline: float | None = None, detail: str = "") -> None:
-        """Record `measured` against the threshold `name` and fail the test with a clear message if it misses."""
-        threshold = resolve(self.thresholds, name, self.impl, self.gpu)
-        passed = threshold.passes(measured)
-        self.scoreboard.record_speed(self.nodeid, SpeedResult(threshold, measured, passed, roofline, detail))
-        self.benchmark.extra_info[name] = measured
-        self.benchmark.extra_info[f"{name}_threshold"] = f"{threshold.symbol} {threshold.value:g}"
-        if not passed:
-            pytest.fail(
-                f"{threshold.what}: measured {measured:.3g}, needs {threshold.symbol} {threshold.value:g} "
-                f"(threshold {threshold.source}, GPU {self.gpu}). {detail}".strip(),
-                pytrace=False,
-            )
+
+class HostSpeed(Judge):
+    """Times host (CPU) work: `time.perf_counter`, garbage collector paused, warm-up, fresh inputs, medians."""
+
+    @property
+    def hardware(self) -> str:
+        return f"host CPU, {os.cpu_count()} cores"
+
+    def time(self, fn: Callable, setup: Setup, *, rounds: int = 20, warmup: int = 3, check=None) -> Timing:
+        """Time a baseline: same method as `bench`, not reported to pytest-benchmark."""
+        return time_host_calls(fn, setup, rounds=rounds, warmup=warmup, check=check)
+
+    def compare(self, calls: dict[str, tuple[Callable, Setup]], *, rounds: int = 20, warmup: int = 3, check=None):
+        """Time several pieces of work interleaved (one call of each per round): {name: Timing}.
+
+        `check(name, result, *args, **kwargs)` sees every timed result. The medians land in `--benchmark-json`.
+        """
+        timings = time_host_interleaved(calls, rounds=rounds, warmup=warmup, check=check)
+        for name, timing in timings.items():
+            self.benchmark.extra_info[f"median_seconds[{name}]"] = timing.median
+        return timings
+
+    def bench(self, fn: Callable, setup: Setup, *, rounds: int = 20, warmup: int = 3, check=None) -> Timing:
+        """Time the code under test through pytest-benchmark's host clock; every timed result goes through `check`."""
+        if self.benchmark.disabled:  # under xdist or --benchmark-disable: time it ourselves, report nothing
+            return self.time(fn, setup, rounds=rounds, warmup=warmup, check=check)
+        results = []
+
+        def timed(*args, **kwargs):
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                results.append(fn(*args, **kwargs))
+            finally:
+                if collecting:
+                    gc.enable()
+
+        def teardown(*args, **kwargs):
+            result = results.pop()
+            if check is not None:
+                check(result, *args, **kwargs)
+
+        self.benchmark.pedantic(timed, setup=setup, teardown=teardown, rounds=rounds, warmup_rounds=warmup)
+        return Timing(list(self.benchmark.stats.stats.data))

@@ -1,4 +1,4 @@
-"""GPU timing: CUDA events after warm-up, L2 flushed outside the timed region, fresh inputs, medians.
+"""Timing: GPU work with CUDA events, host work with the host clock; warm-up, fresh inputs, medians.
 
 The host clock cannot time GPU work: a launch returns in microseconds while the kernel runs on. So the clock handed
 to pytest-benchmark returns a *stamp*, a CUDA event recorded on the current stream; subtracting two stamps waits for
@@ -12,11 +12,18 @@ without a host synchronize. Reading leaves L2 full of clean lines that cost noth
 time, not a GPU idling on a slow host. (That is what `triton.testing.do_bench` gets by queueing many calls back to
 back.) The host cost of every launch after the first one still counts: a decode loop that is bound by its launches
 is measured as such.
+
+Host work (an allocator, a scheduler: Python on the CPU) is timed with `time.perf_counter` with the garbage
+collector paused, so that a collection of the whole heap never lands inside one call. Two pieces of host work that a
+test compares are timed *interleaved*, call by call, so that both see the same machine: on a shared 2-core CI runner
+the load changes from second to second, and a ratio of two medians taken a second apart would carry that change.
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -112,3 +119,44 @@ def copy_bandwidth(nbytes: int = 2**30, rounds: int = 20) -> float:
     if not torch.equal(dst, src):
         raise RuntimeError("copy bandwidth measurement: the copy came back wrong")
     return 2 * nbytes / timing.median
+
+
+def time_host_calls(
+    fn: Callable,
+    setup: Callable[[], tuple[tuple, dict]],
+    rounds: int,
+    warmup: int,
+    check: Callable | None = None,
+) -> Timing:
+    """Time host work `fn(*args, **kwargs)` with fresh `setup()` arguments, garbage collector paused per call."""
+    return time_host_interleaved({"fn": (fn, setup)}, rounds, warmup, check)["fn"]
+
+
+def time_host_interleaved(
+    calls: dict[str, tuple[Callable, Callable[[], tuple[tuple, dict]]]],
+    rounds: int,
+    warmup: int,
+    check: Callable | None = None,
+) -> dict[str, Timing]:
+    """Time several pieces of host work, one call of each in turn per round, so all see the same machine load.
+
+    `calls` maps a name to `(fn, setup)`; `check(name, result, *args, **kwargs)` sees every timed result.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(warmup + rounds):
+        for name, (fn, setup) in calls.items():
+            args, kwargs = setup()
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                start = time.perf_counter()
+                result = fn(*args, **kwargs)
+                elapsed = time.perf_counter() - start
+            finally:
+                if collecting:
+                    gc.enable()
+            if check is not None:
+                check(name, result, *args, **kwargs)
+            if i >= warmup:
+                samples[name].append(elapsed)
+    return {name: Timing(s) for name, s in samples.items()}

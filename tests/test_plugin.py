@@ -221,3 +221,25 @@ def test_plugin_is_registered_once_when_installed_and_from_the_conftest(course):
         )
     )
     expect(course.runpytest("--impl=solution"), passed=2)
+
+
+HOST_SPEED_TESTS = """
+def test_host_ratio(impl, host_speed):
+    double = impl("doubling").double
+    timings = host_speed.compare({"one": (double, lambda: ((1,), {})), "two": (double, lambda: ((2,), {}))}, rounds=5)
+    assert set(timings) == {"one", "two"} and all(len(t.samples) == 5 for t in timings.values())
+    host_speed.judge("speedup", double(2.5))
+"""
+
+
+def test_host_speed_is_graded_on_any_machine_and_says_where_it_ran(course):
+    (course.path / "exercises/07/test_host.py").write_text(HOST_SPEED_TESTS)
+    passed = course.runpytest("--impl=solution", "exercises/07/test_host.py")  # 5.0 against the solution's 4.0
+    passed.assert_outcomes(passed=1)
+    passed.stdout.fnmatch_lines(["*07 test_host_ratio*5*≥ 4*pass*"])
+    failed = course.runpytest("--impl=solution", "exercises/07/test_host.py", "--benchmark-disable")
+    failed.assert_outcomes(passed=1)  # timing still runs when pytest-benchmark is off
+    (course.path / "exercises/07/thresholds.toml").write_text(THRESHOLDS.replace("4.0", "6.0"))
+    failed = course.runpytest("--impl=solution", "exercises/07/test_host.py")
+    failed.assert_outcomes(failed=1)
+    failed.stdout.fnmatch_lines(["*speedup over a baseline: measured 5, needs ≥ 6*host CPU*"])

@@ -9,7 +9,9 @@ from grader.timing import time_host_calls, time_host_interleaved
 def test_host_clock_sees_the_work():
     short = time_host_calls(lambda: time.sleep(0.002), lambda: ((), {}), rounds=5, warmup=1).median
     long = time_host_calls(lambda: time.sleep(0.010), lambda: ((), {}), rounds=5, warmup=1).median
-    assert 0.0015 < short < long and long > 0.009, f"2 ms of sleep timed {short * 1e3:.2f} ms, 10 ms {long * 1e3:.2f} ms"
+    assert 0.0015 < short < long and long > 0.009, (
+        f"2 ms of sleep timed {short * 1e3:.2f} ms, 10 ms {long * 1e3:.2f} ms"
+    )
 
 
 def test_interleaved_calls_alternate_and_every_result_is_checked():

@@ -137,9 +137,29 @@ class HostSpeed(Judge):
     def compare(self, calls: dict[str, tuple[Callable, Setup]], *, rounds: int = 20, warmup: int = 3, check=None):
         """Time several pieces of work interleaved (one call of each per round): {name: Timing}.
 
-        `check(name, result, *args, **kwargs)` sees every timed result. The medians land in `--benchmark-json`.
+        `check(name, result, *args, **kwargs)` sees every timed result. Runs through pytest-benchmark, one round
+        being one call of each piece, so `--benchmark-json` carries the rounds and each piece's median.
         """
-        timings = time_host_interleaved(calls, rounds=rounds, warmup=warmup, check=check)
+        if self.benchmark.disabled:  # under xdist or --benchmark-disable: time it ourselves, report nothing
+            return time_host_interleaved(calls, rounds=rounds, warmup=warmup, check=check)
+        samples: dict[str, list[float]] = {name: [] for name in calls}
+        finished_rounds = []
+
+        def one_round(prepared):
+            for name, (fn, _) in calls.items():
+                args, kwargs = prepared[name]
+                timing = time_host_interleaved({name: (fn, lambda a=args, k=kwargs: (a, k))}, 1, 0, check)
+                if len(finished_rounds) >= warmup:
+                    samples[name].append(timing[name].median)
+
+        self.benchmark.pedantic(
+            one_round,
+            setup=lambda: (({name: setup() for name, (_, setup) in calls.items()},), {}),
+            teardown=lambda prepared: finished_rounds.append(True),
+            rounds=rounds,
+            warmup_rounds=warmup,
+        )
+        timings = {name: Timing(s) for name, s in samples.items()}
         for name, timing in timings.items():
             self.benchmark.extra_info[f"median_seconds[{name}]"] = timing.median
         return timings

@@ -128,8 +128,12 @@ def time_host_calls(
     warmup: int,
     check: Callable | None = None,
 ) -> Timing:
-    """Time host work `fn(*args, **kwargs)` with fresh `setup()` arguments, garbage collector paused per call."""
-    return time_host_interleaved({"fn": (fn, setup)}, rounds, warmup, check)["fn"]
+    """Time host work `fn(*args, **kwargs)` with fresh `setup()` arguments, garbage collector paused per call.
+
+    `check(result, *args, **kwargs)` sees every timed result, as in `time_calls`.
+    """
+    named_check = None if check is None else (lambda name, result, *args, **kwargs: check(result, *args, **kwargs))
+    return time_host_interleaved({"fn": (fn, setup)}, rounds, warmup, named_check)["fn"]
 
 
 def time_host_interleaved(

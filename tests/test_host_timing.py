@@ -26,3 +26,9 @@ def test_the_garbage_collector_is_paused_inside_a_timed_call_and_restored_after(
     states = []
     time_host_calls(lambda: states.append(gc.isenabled()), lambda: ((), {}), rounds=2, warmup=0)
     assert states == [False, False] and gc.isenabled()
+
+
+def test_a_single_timing_checks_results_like_the_gpu_clock():
+    seen = []
+    time_host_calls(lambda x: x + 1, lambda: ((1,), {}), rounds=2, warmup=1, check=lambda out, x: seen.append((out, x)))
+    assert seen == [(2, 1)] * 3

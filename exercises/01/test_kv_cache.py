@@ -8,7 +8,10 @@ import statistics
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
+from fixtures.checks import expect_error
 from fixtures.llama import Llama, build_hf_model, llama_config
 
 TOL = dict(atol=1e-4, rtol=1e-4)  # fp32 end to end: different summation orders only
@@ -83,6 +86,22 @@ def test_bytes_read_head_dim_from_the_config(kv):
     got = kv.kv_cache_bytes(config, batch_size=1, seq_len=1, dtype=torch.float16)
     expected = 2 * 12 * 1 * 1 * 4 * 128 * 2
     assert got == expected, f"config.head_dim is 128, not hidden_size // heads = 64: expected {expected}, got {got}"
+
+
+def test_bytes_are_an_exact_int_at_the_scale_of_real_models(kv):
+    # A Llama-3-70B-shaped config: 80 layers, 64 query heads, 8 kv heads of 128 dims, at a 128k context.
+    config = llama_config("small", num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                          hidden_size=8192, head_dim=128)  # fmt: skip
+    for batch, expected in ((1, 42_949_672_960), (32, 1_374_389_534_720)):
+        got = kv.kv_cache_bytes(config, batch_size=batch, seq_len=131072, dtype=torch.float16)
+        assert isinstance(got, int) and not isinstance(got, bool), (
+            f"kv_cache_bytes must return an int (a count of bytes), got {type(got).__name__} {got!r}"
+        )
+        assert got == expected, (
+            f"70B-shaped model, batch {batch}, 128k tokens, fp16: expected 2 x 80 x {batch} x 131072 x 8 x 128 x 2 = "
+            f"{expected} bytes ({expected / 2**30:.0f} GiB), got {got}"
+            + (": the count overflowed 32 bits" if got == expected % 2**32 or got < 2**31 else "")
+        )
 
 
 # --- KVCache: preallocated, written in place ---------------------------------------------------------------------
@@ -171,11 +190,10 @@ def test_append_past_capacity_raises_and_changes_nothing(kv):
         cache.append(layer, *kv_pair(tokens=3, seed=4))
     cache.advance(3)
     snapshot = cache.keys.clone()
-    with pytest.raises(ValueError, match="capacity"):
-        cache.append(0, *kv_pair(tokens=2, seed=5))  # 3 stored + 2 > 4: silently writing past the end is the bug
+    # 3 stored + 2 > 4: silently writing past the end is the bug
+    expect_error(ValueError, lambda: cache.append(0, *kv_pair(tokens=2, seed=5)), "append past capacity", "capacity")
     assert cache.seq_len == 3 and torch.equal(cache.keys, snapshot), "a rejected append must leave the cache unchanged"
-    with pytest.raises(ValueError, match="capacity"):
-        cache.advance(2)
+    expect_error(ValueError, lambda: cache.advance(2), "advance past capacity", "capacity")
     assert cache.seq_len == 3, f"a rejected advance must leave seq_len at 3, got {cache.seq_len}"
 
 
@@ -189,33 +207,68 @@ BAD_APPENDS = {
 }
 
 
+@pytest.mark.parametrize("which", ["k and v", "v only"])
 @pytest.mark.parametrize("mistake", BAD_APPENDS)
-def test_append_rejects_bad_tensors_and_changes_nothing(kv, mistake):
+def test_append_rejects_bad_tensors_and_changes_nothing(kv, mistake, which):
     cache = small_cache(kv)
     k, v = kv_pair(tokens=2, seed=6)
     snapshot = cache.keys.clone(), cache.values.clone()
     bad = BAD_APPENDS[mistake]
-    with pytest.raises(ValueError):
-        cache.append(0, bad(k), bad(v))
+    args = (bad(k), bad(v)) if which == "k and v" else (k, bad(v))
+    expect_error(ValueError, lambda: cache.append(0, *args), f"append with {mistake} ({which})")
     assert cache.seq_len == 0 and torch.equal(cache.keys, snapshot[0]) and torch.equal(cache.values, snapshot[1]), (
-        f"append with {mistake} must raise ValueError before writing anything"
+        f"append with {mistake} ({which}) must raise ValueError before writing anything"
+        + (": check v before writing k" if which == "v only" and not torch.equal(cache.keys, snapshot[0]) else "")
     )
 
 
 def test_append_rejects_a_layer_out_of_range_and_mismatched_k_v(kv):
     cache = small_cache(kv)
     k, v = kv_pair(tokens=2, seed=7)
-    with pytest.raises(ValueError, match="layer"):
-        cache.append(3, k, v)
-    with pytest.raises(ValueError):
-        cache.append(0, k, v[:, :, :1])
+    for layer in (3, -1):  # -1 would silently write the last layer
+        expect_error(ValueError, lambda layer=layer: cache.append(layer, k, v), f"append to layer {layer}", "layer")
+    expect_error(ValueError, lambda: cache.append(0, k, v[:, :, :1]), "append with 2 keys but 1 value")
+    assert not cache.keys.any() and not cache.values.any(), "a rejected append wrote into the cache"
 
 
-@pytest.mark.parametrize("bad", [dict(capacity=0), dict(num_kv_heads=-1), dict(head_dim=2.5)], ids=str)
-def test_constructor_rejects_bad_sizes(kv, bad):
-    sizes = dict(num_layers=1, batch_size=1, capacity=4, num_kv_heads=1, head_dim=4) | bad
-    with pytest.raises(ValueError, match=next(iter(bad))):
-        kv.KVCache(**sizes)
+SIZES = ("num_layers", "batch_size", "capacity", "num_kv_heads", "head_dim")
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5])
+@pytest.mark.parametrize("name", SIZES)
+def test_constructor_rejects_bad_sizes(kv, name, value):
+    sizes = dict(num_layers=1, batch_size=1, capacity=4, num_kv_heads=1, head_dim=4) | {name: value}
+    expect_error(ValueError, lambda: kv.KVCache(**sizes), f"KVCache({name}={value})", match=name)
+
+
+class ElementsProduced(TorchDispatchMode):
+    """Counts the elements that every tensor operation except views writes: the work an operation does."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            self.count += sum(t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return out
+
+
+def test_append_work_is_proportional_to_the_new_tokens_not_the_cache(kv):
+    cache = kv.KVCache(num_layers=2, batch_size=2, capacity=1024, num_kv_heads=2, head_dim=4)
+    k, v = kv_pair(tokens=1, seed=30)
+    work = {}
+    for seq_len in (8, 1000):
+        cache.seq_len = seq_len
+        with ElementsProduced() as counter:
+            cache.append(1, k, v)
+        work[seq_len] = counter.count
+    assert work[1000] <= 1.5 * work[8], (
+        f"appending one token wrote {work[8]} elements with 8 tokens cached and {work[1000]} with 1000: append must "
+        "cost O(new tokens), not O(cache) — write only the new positions (re-concatenating or copying the whole "
+        "prefix into the buffer every step gives the right answer at O(S) work per token)"
+    )
 
 
 def test_reset_forgets_tokens_but_keeps_the_buffers(kv):
@@ -243,7 +296,9 @@ def hf_rope(x, positions, theta):
 
 
 @pytest.mark.parametrize(
-    "positions", [torch.arange(0, 6), torch.arange(5, 13), torch.tensor([300])], ids=["prompt", "chunk", "decode"]
+    "positions",
+    [torch.arange(0, 6), torch.arange(5, 13), torch.tensor([300]), torch.tensor([0, 5, 17, 100])],
+    ids=["prompt", "chunk", "decode", "scattered"],
 )
 @pytest.mark.parametrize("theta", [10000.0, 500000.0])
 def test_rope_matches_transformers(kv, positions, theta):
@@ -253,7 +308,8 @@ def test_rope_matches_transformers(kv, positions, theta):
         got,
         hf_rope(x, positions, theta),
         f"RoPE at positions {positions.tolist()[:4]}... theta {theta}: pair dimension i with i + D/2 (not 2i with "
-        "2i+1), rotate by position * theta ** (-2i / D), use the absolute positions",
+        "2i+1), rotate by position * theta ** (-2i / D), use the given positions themselves (not positions[0] + "
+        "0, 1, 2, ...: they need not be contiguous)",
         atol=1e-5,
         rtol=1e-5,
     )
@@ -262,8 +318,12 @@ def test_rope_matches_transformers(kv, positions, theta):
 def test_rope_angles_are_computed_in_float32(kv):
     positions = torch.arange(3000, 3004)
     x = torch.randn(1, 2, 4, 16, generator=torch.Generator().manual_seed(20)).to(torch.bfloat16)
+    got = kv.apply_rope(x, positions, 10000.0)
+    assert got.shape == x.shape and got.dtype == x.dtype, (
+        f"apply_rope returns x's shape and dtype: expected {list(x.shape)} bfloat16, got {list(got.shape)} {got.dtype}"
+    )
     close(
-        kv.apply_rope(x, positions, 10000.0).float(),
+        got.float(),
         hf_rope(x, positions, 10000.0).float(),
         "bf16 input at positions 3000..3003: compute position * inverse frequency in float32 (bf16 keeps 8 bits, so "
         "an angle near 3000 rad would be off by several radians), then cast cos and sin to x's dtype",
@@ -272,15 +332,44 @@ def test_rope_angles_are_computed_in_float32(kv):
     )
 
 
-def reference_attention(q, k, v):
-    """Causal GQA attention in float64, written out: query head h reads kv head h // G, bottom-right diagonal."""
+def reference_attention(q, k, v, heads="h // G", scale="1/sqrt(D)", diagonal="bottom right"):
+    """Causal GQA attention in float64, written out: query head h reads kv head h // G, bottom-right diagonal.
+
+    The keyword arguments build the usual wrong variants, to name the mistake when a result matches one of them.
+    """
     q, k, v = q.double(), k.double(), v.double()
     groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    spread = torch.Tensor.repeat_interleave if heads == "h // G" else lambda t, g, dim: t.repeat(1, g, 1, 1)
+    k, v = spread(k, groups, dim=1), spread(v, groups, dim=1)
     queries, keys = q.shape[2], k.shape[2]
-    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    visible = torch.ones(queries, keys, dtype=torch.bool).tril(diagonal=keys - queries)
+    factor = {"1/sqrt(D)": q.shape[-1] ** -0.5, "none": 1.0, "twice": q.shape[-1] ** -1.0}[scale]
+    scores = q @ k.transpose(-1, -2) * factor
+    offset = {"bottom right": keys - queries, "top left": 0, "none": keys}[diagonal]
+    visible = torch.ones(queries, keys, dtype=torch.bool).tril(diagonal=offset)
     return (scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v).float()
+
+
+ATTENTION_MISTAKES = {
+    "query head h read kv head h % Hkv (repeat instead of repeat_interleave)": dict(heads="h % Hkv"),
+    "the scores were not scaled by 1/sqrt(D)": dict(scale="none"),
+    "the scores were scaled by 1/sqrt(D) twice": dict(scale="twice"),
+    "the causal diagonal sits at the top left (SDPA's is_causal=True with T < S)": dict(diagonal="top left"),
+    "no causal mask: queries see later positions": dict(diagonal="none"),
+}
+
+
+def check_attention(got, q, k, v, what):
+    expected = reference_attention(q, k, v)
+    if got.shape == expected.shape and torch.allclose(got.float(), expected, atol=1e-5, rtol=1e-5):
+        return
+    named = [
+        mistake
+        for mistake, variant in ATTENTION_MISTAKES.items()
+        if got.shape == expected.shape and torch.allclose(got.float(), reference_attention(q, k, v, **variant),
+                                                          atol=1e-5, rtol=1e-5)  # fmt: skip
+    ]
+    close(got, expected, what + (f". Your output equals attention where {named[0]}" if len(named) == 1 else ""),
+          atol=1e-5, rtol=1e-5)  # fmt: skip
 
 
 def qkv(heads, kv_heads, queries, keys, seed):
@@ -289,33 +378,30 @@ def qkv(heads, kv_heads, queries, keys, seed):
     return tuple(torch.randn(*shape, generator=generator) for shape in shapes)
 
 
+def test_attention_scales_scores_by_one_over_sqrt_head_dim(kv):
+    q, k, v = qkv(heads=2, kv_heads=2, queries=1, keys=6, seed=10)  # one query, one kv head per query head
+    check_attention(kv.attention(q, k, v), q, k, v, "one query, no grouping: softmax(q k^T / sqrt(D)) v")
+
+
 def test_attention_query_heads_share_kv_heads_in_consecutive_groups(kv):
     q, k, v = qkv(heads=8, kv_heads=2, queries=1, keys=6, seed=11)
-    close(
-        kv.attention(q, k, v),
-        reference_attention(q, k, v),
-        "with 8 query heads and 2 kv heads, query heads 0-3 read kv head 0 and 4-7 read kv head 1 "
-        "(h // 4, as repeat_interleave gives; not h % 2, as repeat gives)",
-        atol=1e-5,
-        rtol=1e-5,
-    )
+    check_attention(
+        kv.attention(q, k, v), q, k, v,
+        "with 8 query heads and 2 kv heads, query heads 0-3 read kv head 0 and 4-7 read kv head 1 (h // 4)",
+    )  # fmt: skip
 
 
 def test_attention_causal_diagonal_is_at_the_bottom_right(kv):
     q, k, v = qkv(heads=2, kv_heads=2, queries=3, keys=7, seed=12)
-    close(
-        kv.attention(q, k, v),
-        reference_attention(q, k, v),
-        "3 new queries over 7 keys are positions 4, 5, 6: query i sees keys 0..4+i. "
-        "SDPA's is_causal=True aligns the diagonal top-left when T < S",
-        atol=1e-5,
-        rtol=1e-5,
-    )
+    check_attention(
+        kv.attention(q, k, v), q, k, v,
+        "3 new queries over 7 keys are positions 4, 5, 6: query i sees keys 0..4+i",
+    )  # fmt: skip
 
 
 def test_attention_over_a_whole_prompt_is_causal(kv):
     q, k, v = qkv(heads=4, kv_heads=1, queries=5, keys=5, seed=13)
-    close(kv.attention(q, k, v), reference_attention(q, k, v), "prompt attention: token i sees tokens 0..i only")
+    check_attention(kv.attention(q, k, v), q, k, v, "prompt attention: token i sees tokens 0..i only")
 
 
 # --- forward and generate against transformers --------------------------------------------------------------------
@@ -337,14 +423,18 @@ def test_decode_logits_match_transformers_at_every_step(kv, tiny, hf_tiny, batch
     expected = hf_logits(hf_tiny, ids)
     cache = new_cache(kv, tiny, batch=batch, capacity=16)
     kv.forward(tiny, ids[:, :6], cache)
+    assert cache.seq_len == 6, f"forward over a 6-token prompt must advance the cache to 6, got seq_len {cache.seq_len}"
     for position in range(6, 16):
         got = kv.forward(tiny, ids[:, position : position + 1], cache)
+        assert cache.seq_len == position + 1, (
+            f"a decode step must advance the cache by one token: expected seq_len {position + 1}, got {cache.seq_len}"
+        )
         close(
             got[:, 0],
             expected[:, position],
-            f"decode step at position {position}: logits differ from a full forward pass. Wrong from the first decode "
-            "step on: RoPE used position 0 instead of cache.seq_len. Wrong from the second on: the cache was not "
-            "advanced, so each step overwrote the last",
+            f"decode step at position {position} ({position - 5} after the prompt): logits differ from a full forward "
+            "pass, while the prefill's matched. A guess, to check first: the new token's RoPE position (it is "
+            "cache.seq_len, not 0) or what the new query attends to (every cached token and itself)",
         )
 
 
@@ -358,8 +448,9 @@ def test_prefill_in_chunks_matches_one_pass(kv, tiny, hf_tiny):
         close(
             got,
             expected[:, start : start + size],
-            f"chunk of {size} tokens at positions {start}..{start + size - 1} after {start} cached: each new token "
-            "attends to every cached token and the new ones before it (causal diagonal at the bottom right)",
+            f"chunk of {size} tokens at positions {start}..{start + size - 1} after {start} cached: logits differ "
+            "from a full forward pass. A guess, to check first: each new token attends to every cached token and the "
+            "new ones before it (causal diagonal at the bottom right), at RoPE positions that continue the cache's",
         )
         start += size
 
@@ -396,20 +487,28 @@ def test_generate_feeds_one_new_token_per_step(kv, tiny, monkeypatch):
     )
 
 
+def with_id(ids, value):
+    ids = ids.clone()
+    ids[0, 2] = value
+    return ids
+
+
 BAD_GENERATE = {
     "float ids": lambda ids: (ids.float(), 4),
     "1-d ids": lambda ids: (ids[0], 4),
     "no new tokens": lambda ids: (ids, 0),
     "past max positions": lambda ids: (ids, 512),
     "id outside vocab": lambda ids: (ids + 256, 4),
+    "id equal to the vocabulary size": lambda ids: (with_id(ids, 256), 4),  # valid ids are 0 .. V - 1
+    "negative id": lambda ids: (with_id(ids, -1), 4),
+    "ids on another device": lambda ids: (ids.to("meta"), 4),
 }
 
 
 @pytest.mark.parametrize("mistake", BAD_GENERATE)
 def test_generate_rejects_bad_input(kv, tiny, mistake):
     ids, new = BAD_GENERATE[mistake](random_ids(tiny, batch=1, tokens=5, seed=18))
-    with pytest.raises(ValueError):
-        kv.generate(tiny, ids, max_new_tokens=new)
+    expect_error(ValueError, lambda: kv.generate(tiny, ids, max_new_tokens=new), f"generate with {mistake}")
 
 
 # --- speed (GPU): ratios measured in this run, thresholds in thresholds.toml ----------------------------------------

@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from fixtures.checks import expect_error
+
 
 @pytest.fixture
 def bm(impl):
@@ -41,19 +43,6 @@ def state(manager, seq_ids=()):
         slots={s: manager.slot_mapping(s) for s in seq_ids},
         counters=(manager.prefix_cache_queries, manager.prefix_cache_hits),
     )
-
-
-def expect_error(error, call, what, match=None):
-    """Call `call()`, which must raise `error` (whose message contains `match`), and say plainly when it does not."""
-    try:
-        call()
-    except error as exc:
-        if match is not None and match not in str(exc).lower():
-            pytest.fail(f"{what}: expected a {error.__name__} mentioning {match!r}, got {error.__name__}: {exc}")
-        return exc
-    except Exception as exc:  # noqa: BLE001  (anything else is the student's bug, reported as such)
-        pytest.fail(f"{what}: expected a {error.__name__}, got {type(exc).__name__}: {exc}")
-    pytest.fail(f"{what}: expected a {error.__name__}, but nothing was raised")
 
 
 def assert_unchanged(before, after, what):

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .scoring import table_lines, totals_of_results
+from .scoring import not_graded_lines, table_lines, totals_of_results
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY_ENV = "INFERLAB_SUMMARY"  # "off": the per-exercise processes leave the table to this command
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     for number, test in enumerate(tests, start=1):
         test["number"] = str(number)
     table = table_lines(totals_of_results(tests))
+    table += not_graded_lines([t["output"] for t in tests if t["max_score"] == 0 and t["output"].startswith("skipped")])
     print("\n".join(["", "=" * 20 + " inferlab score " + "=" * 20, *table]))
     if args.results:
         results = {

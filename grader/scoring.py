@@ -89,7 +89,9 @@ class Scoreboard:
         return dict(sorted(totals.items()))
 
     def score_lines(self) -> list[str]:
-        return table_lines(self.totals())
+        lines = table_lines(self.totals())
+        skipped = [t.message for t in self.tests.values() if t.outcome == "skipped"]
+        return lines + not_graded_lines(skipped) if lines else lines
 
     def speed_lines(self) -> list[str]:
         rows = [(t, s) for t in self.tests.values() for s in t.speed]
@@ -151,6 +153,18 @@ def table_lines(totals: dict[str, ExerciseTotal]) -> list[str]:
     earned = sum(t.earned for t in totals.values())
     possible = sum(t.possible for t in totals.values())
     lines.append(f"{'total':<10}{_pts(earned, possible):>14}")
+    return lines
+
+
+def not_graded_lines(skip_messages: list[str]) -> list[str]:
+    """Say what was not graded and why, so that a full score on a CPU does not read as "done"."""
+    reasons: dict[str, int] = {}
+    for message in skip_messages:
+        reason = message.removeprefix("skipped: ").strip()
+        reasons[reason] = reasons.get(reason, 0) + 1
+    lines = [f"not graded here: {n} test{'s' if n > 1 else ''} ({reason})" for reason, n in reasons.items()]
+    if any("GPU" in reason for reason in reasons):
+        lines.append("the score counts only what ran: run on a CUDA GPU to be graded for speed too")
     return lines
 
 

@@ -115,6 +115,10 @@ def test_speed_tests_are_skipped_without_cuda_with_a_reason(course):
         pytest.skip("this machine has a GPU")
     result = course.runpytest("--impl=solution", "-rs")
     result.stdout.fnmatch_lines(["*speed not graded on this hardware: no CUDA GPU*"])
+    result.stdout.fnmatch_lines([  # under the score table, so that "4 / 4" does not read as done
+        "07 *4 / 4*", "total*", "not graded here: 1 test (speed not graded on this hardware: no CUDA GPU)",
+        "the score counts only what ran: run on a CUDA GPU to be graded for speed too",
+    ])  # fmt: skip
 
 
 def test_results_json_is_gradescope_format(course):

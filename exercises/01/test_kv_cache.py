@@ -476,6 +476,22 @@ def test_generate_matches_transformers_greedy(kv, tiny, hf_tiny, batch):
     assert torch.equal(ids, prompt), "generate must not modify the prompt tensor"
 
 
+@pytest.mark.gpu
+def test_generate_on_a_gpu_matches_transformers_greedy(kv):
+    """The GPU path (the reference replays a CUDA graph) is held to the same tokens as the CPU path, at fp32."""
+    hf_model = build_hf_model("tiny", seed=3, device="cuda")
+    model = Llama(hf_model)
+    ids = random_ids(model, batch=2, tokens=9, seed=31, device="cuda")
+    got = kv.generate(model, ids, max_new_tokens=24)
+    logits = hf_logits(hf_model, torch.cat([ids, got], dim=1))[:, ids.shape[1] - 1 : -1]
+    gap = logits.max(-1).values - logits.gather(-1, got[..., None]).squeeze(-1)
+    steps = (gap > 1e-3).nonzero()
+    assert not len(steps), (
+        f"on the GPU, generate's token at step {int(steps[0, 1])} (sequence {int(steps[0, 0])}) is not the argmax of "
+        f"transformers' logits (gap {float(gap.max()):.3f}): the GPU decode path computes something else"
+    )
+
+
 def test_generate_feeds_one_new_token_per_step(kv, tiny, monkeypatch):
     seen = []
     embed = tiny.embed

@@ -1,0 +1,78 @@
+# ruff: noqa: E501  (mutants are data: one replacement per line reads best)
+"""Exercise 05 mutants: the reference scheduler and metrics with one mistake each, as students make them."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mutation import Mutant  # noqa: E402
+
+S = "scheduler.py"
+M = "metrics.py"
+
+MUTANTS = [
+    Mutant("budget counted per request: running requests do not use it up", S,
+           "                budget -= n\n                i += 1", "                i += 1", "per request instead of per step"),
+    Mutant("budget counted per request: admitted requests do not use it up", S,
+           "            scheduled[request.request_id] = n\n            budget -= n", "            scheduled[request.request_id] = n", "per request instead of per step"),
+    Mutant("prefill chunks of running requests before their decodes", S,
+           "        i = 0\n        while i < len(self.running) and budget > 0:",
+           "        self.running.sort(key=lambda r: r.num_tokens - r.num_computed == 1)\n        i = 0\n        while i < len(self.running) and budget > 0:", "starved"),
+    Mutant("preempts the oldest running request", S,
+           "            return self.running.pop()\n", "            return self.running.pop(0)\n", "oldest"),
+    Mutant("a preempted request's blocks are not freed", S,
+           "        self._free += self._blocks.pop(request.request_id)", "        self._blocks.pop(request.request_id)", "not freed"),
+    Mutant("admits new requests in a step that preempted", S,
+           "        if out.preempted:\n            return out\n", "", "admits nobody"),
+    Mutant("a request larger than the pool is queued, not refused", S,
+           "        if needed > self.num_blocks:", "        if False:", "refuse"),
+    Mutant("without chunking, only the prompt is checked against the budget", S,
+           "        if not self.chunked_prefill and longest > self.max_num_batched_tokens:",
+           "        if not self.chunked_prefill and request.prompt_len > self.max_num_batched_tokens:", "must refuse"),
+    Mutant("a short request overtakes the blocked head (chunking off)", S,
+           "                if not self.chunked_prefill:\n                    break  # strict FCFS: the head of the queue blocks everyone behind it\n                n = budget",
+           "                if not self.chunked_prefill:\n                    later = [r for r in self.waiting if r.num_tokens <= budget]\n                    if not later:\n                        break\n                    request = later[0]\n                    self.waiting.remove(request)\n                    self.waiting.appendleft(request)\n                    n = request.num_tokens\n                else:\n                    n = budget",
+           "overtook"),
+    Mutant("blocks counted with floor division", S,
+           "            need = -(-n // block_size)", "            need = n // block_size", "reserved"),
+    Mutant("blocks reserved for computed tokens only, not for the step's", S,
+           "            need = -(-(request.num_computed + n) // block_size) - blocks[rid]",
+           "            need = -(-request.num_computed // block_size) - blocks[rid]", "reserved"),
+    Mutant("finished requests keep their blocks", S,
+           "                self._free += self._blocks.pop(rid)", "                self._blocks.pop(rid)", "finished requests"),
+    Mutant("max_num_seqs ignored", S,
+           "        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:",
+           "        while self.waiting and budget > 0:", "max_num_seqs"),
+    Mutant("a preempted request goes to the back of the queue", S,
+           "self.waiting.appendleft(request) if front else self.waiting.append(request)", "self.waiting.append(request)", "preempted requests first"),
+    Mutant("prompts chunked even with chunked_prefill=False", S,
+           "                if not self.chunked_prefill:\n                    break  # strict FCFS: the head of the queue blocks everyone behind it\n",
+           "", "chunked_prefill is False"),
+    Mutant("a decode scheduled two tokens", S,
+           "            n = request.num_tokens - request.num_computed\n            if n > budget:\n                n = budget\n            rid",
+           "            n = request.num_tokens - request.num_computed + 1\n            if n > budget:\n                n = budget\n            rid", "exactly one token"),
+    Mutant("priority: the newest request preempted, not the least urgent", S,
+           "        victim = max(self.running, key=self._key)", "        victim = self.running[-1]", "least urgent"),
+    Mutant("priority: admissions in arrival order", S,
+           "        at = bisect.bisect(self._keys, key)", "        at = len(self._keys)", "(priority, arrival) order"),
+    Mutant("priority: a victim that already ran this step keeps its tokens", S,
+           "                    budget += scheduled.pop(victim.request_id)\n                    i -= 1", "                    pass", "same step"),
+    Mutant("TPOT counts the first token", M,
+           "tpot = (e2el - ttft) / (len(t.token_times) - 1)", "tpot = e2el / len(t.token_times)", "first token is excluded"),
+    Mutant("one-token answers counted as TPOT 0", M,
+           "        if len(t.token_times) > 1:\n            tpot", "        if len(t.token_times) == 1:\n            tpots.append(0.0)\n        if len(t.token_times) > 1:\n            tpot", "one-token answer"),
+    Mutant("percentiles by nearest rank", M,
+           "    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)",
+           "    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]", "nearest rank"),
+    Mutant("failed requests counted as completed", M,
+           "            failed += 1\n            continue\n", "            failed += 1\n            completed += 1\n            continue\n", "failed request counted"),
+    Mutant("SLOs combined with or", M,
+           "if (ttft_slo is None or ttft <= ttft_slo) and (tpot_slo", "if (ttft_slo is None or ttft <= ttft_slo) or (tpot_slo", "every slo"),
+    Mutant("TTFT measured from the start of the run", M,
+           "ttft = t.token_times[0] - t.arrival", "ttft = t.token_times[0]", "each request's arrival"),
+    Mutant("ITL averaged per request", M,
+           "        itls.extend(b - a for a, b in pairwise(t.token_times))",
+           "        itls.extend([(t.token_times[-1] - t.token_times[0]) / (len(t.token_times) - 1)] if len(t.token_times) > 1 else [])", "pooled"),
+    Mutant("GPU price applied per second", M,
+           "gpu_hour_price * duration / 3600", "gpu_hour_price * duration", "per hour"),
+]

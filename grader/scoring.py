@@ -70,7 +70,7 @@ class Scoreboard:
         if test is None or test.outcome in ("failed", "skipped"):
             return
         if outcome in ("failed", "skipped"):
-            test.outcome, test.message = outcome, message[:MESSAGE_LIMIT]
+            test.outcome, test.message = outcome, clip(message)
         elif when == "call":
             test.outcome, test.message = "passed", ""
 
@@ -154,6 +154,14 @@ def table_lines(totals: dict[str, ExerciseTotal]) -> list[str]:
     possible = sum(t.possible for t in totals.values())
     lines.append(f"{'total':<10}{_pts(earned, possible):>14}")
     return lines
+
+
+def clip(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    """A long failure keeps its start and its end: pytest puts the assertion message and its location last."""
+    if len(message) <= limit:
+        return message
+    head = limit // 4
+    return f"{message[:head]}\n[... {len(message) - limit} characters left out ...]\n{message[-(limit - head):]}"
 
 
 def not_graded_lines(skip_messages: list[str]) -> list[str]:

@@ -25,12 +25,13 @@ class OutOfBlocks(Exception):
 
 
 def block_hash(parent_hash: bytes | None, token_ids: Sequence[int], extra_key: str | None = None) -> bytes:
-    """sha256 over the parent's hash, the block's token ids (8 bytes each) and the extra key: a 32-byte digest.
+    """sha256 over the parent's hash, the block's token ids (8 bytes each, little-endian on the usual machines)
+    and the extra key: a 32-byte digest.
 
     Fixed-width token encoding: [1, 23] and [12, 3] must never meet as the same bytes.
     """
     if not isinstance(token_ids, array):
-        token_ids = array("q", token_ids)
+        token_ids = array("Q", token_ids)
     data = (parent_hash if parent_hash is not None else ROOT_HASH) + token_ids.tobytes()
     if extra_key is not None:
         data += b"\x00extra\x00" + extra_key.encode()
@@ -62,14 +63,24 @@ class FreeBlockQueue:
         return self._len
 
     def popleft(self) -> KVBlock:
-        block = self._head.next_free
+        head = self._head
+        block = head.next_free
         if block is self._tail:
             raise OutOfBlocks("the free queue is empty")
-        self.remove(block)
+        head.next_free = block.next_free  # unlinked in place: this runs once per block handed out
+        block.next_free.prev_free = head
+        block.prev_free = block.next_free = None
+        self._len -= 1
         return block
 
     def append(self, block: KVBlock) -> None:
-        self._link(block, self._tail.prev_free, self._tail)
+        if block.prev_free is not None:
+            raise ValueError(f"block {block.block_id} is already in the free queue")
+        tail = self._tail
+        last = tail.prev_free
+        block.prev_free, block.next_free = last, tail
+        last.next_free = tail.prev_free = block
+        self._len += 1
 
     def appendleft(self, block: KVBlock) -> None:
         self._link(block, self._head, self._head.next_free)
@@ -98,7 +109,7 @@ class FreeBlockQueue:
 
 @dataclass(slots=True)
 class _Sequence:
-    token_ids: array  # int64
+    token_ids: array  # unsigned 64-bit
     blocks: list[KVBlock]
     hashes: list[bytes]  # chain hash of each full logical block, whether or not its physical block is cached
     extra_key: str | None
@@ -168,7 +179,7 @@ class BlockManager:
         hits = self._longest_cached_prefix(hashes, max_blocks=(len(tokens) - 1) // size)
         num_new = -(-len(tokens) // size) - len(hits)
         # A hit that sits in the free queue leaves it: it costs a free block just like a new one.
-        needed = num_new + sum(block.ref_count == 0 for block in hits)
+        needed = num_new + sum(block.ref_count == 0 for block in hits) if hits else num_new
         if needed > len(self.free_queue):
             raise OutOfBlocks(
                 f"sequence {seq_id!r} needs {needed} free blocks ({num_new} new, {needed - num_new} cached but "
@@ -178,9 +189,11 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_queue.remove(block)
             block.ref_count += 1
-        blocks = hits + [self._take_free_block() for _ in range(num_new)]
-        for index in range(len(hits), len(hashes)):
-            self._cache(blocks[index], hashes[index])
+        take = self._take_free_block
+        blocks = hits + [take() for _ in range(num_new)]
+        if self.enable_prefix_caching:
+            for block, block_hash_ in zip(blocks[len(hits) :], hashes[len(hits) :], strict=False):
+                self._cache(block, block_hash_)
         self.seqs[seq_id] = _Sequence(tokens, blocks, hashes, extra_key)
         self.prefix_cache_queries += len(tokens)
         self.prefix_cache_hits += len(hits) * size
@@ -215,19 +228,20 @@ class BlockManager:
             raise ValueError(f"sequence {child_id!r} already has blocks: fork into a new id")
         for block in parent.blocks:
             block.ref_count += 1
-        self.seqs[child_id] = _Sequence(array("q", parent.token_ids), list(parent.blocks), list(parent.hashes),
+        self.seqs[child_id] = _Sequence(array("Q", parent.token_ids), list(parent.blocks), list(parent.hashes),
                                         parent.extra_key)  # fmt: skip
 
     def free(self, seq_id: Hashable) -> None:
         seq = self._seq(seq_id)
         del self.seqs[seq_id]
+        queue = self.free_queue
         for block in reversed(seq.blocks):  # tail first: a chain's head is evicted last, as it is the most shared
             block.ref_count -= 1
             if block.ref_count == 0:
                 if block.hash is not None:
-                    self.free_queue.append(block)  # still cached: evicted least recently freed first
+                    queue.append(block)  # still cached: evicted least recently freed first
                 else:
-                    self.free_queue.appendleft(block)  # holds nothing reusable: hand it out first
+                    queue.appendleft(block)  # holds nothing reusable: hand it out first
 
     def reset_prefix_cache(self) -> bool:
         if len(self.free_queue) != self.num_blocks:
@@ -245,7 +259,7 @@ class BlockManager:
             return []
         hashes, size = [], self.block_size
         for begin in range(start, len(tokens) - size + 1, size):
-            parent = block_hash(parent, tokens[begin : begin + size], extra_key)
+            parent = block_hash(parent, tokens[begin : begin + size], extra_key)  # an array slice: no conversion
             hashes.append(parent)
         return hashes
 
@@ -293,13 +307,10 @@ def _token(value) -> int:
 
 
 def _token_array(token_ids) -> array:
-    """The token ids as an array of int64, converted and range-checked at C speed; ValueError for anything else."""
+    """The token ids as unsigned 64-bit ints, converted and range-checked at C speed (a negative id overflows)."""
     if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Iterable):
         raise ValueError(f"token_ids must be a sequence of ints, got {type(token_ids).__name__}")
     try:
-        tokens = array("q", token_ids)
+        return array("Q", token_ids)
     except (TypeError, OverflowError) as exc:
-        raise ValueError(f"token ids must be non-negative ints that fit in int64: {exc}") from None
-    if tokens and min(tokens) < 0:
-        raise ValueError(f"token ids must be non-negative ints, got {min(tokens)}")
-    return tokens
+        raise ValueError(f"token ids must be non-negative ints below 2**64: {exc}") from None

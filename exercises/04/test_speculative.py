@@ -35,7 +35,7 @@ def one_cpu_thread():
 
 # Chi-square critical values at a false-failure probability of 1e-6, by degrees of freedom (scipy.stats.chi2.isf).
 # A correct implementation fails one check with probability 1e-6 (the statistic is asymptotically chi-square: every
-# expected cell count here is above 50). This file makes 8 such checks, so its false-failure rate is below 1e-5 per
+# expected cell count here is above 50). This file makes 9 such checks, so its false-failure rate is below 1e-5 per
 # run for random seeds; with the fixed seeds below every run is the same run.
 CHI2_CRITICAL = {1: 23.93, 2: 27.63, 3: 30.66, 4: 33.38, 5: 35.89, 6: 38.26, 7: 40.52}
 SAMPLES = 60_000
@@ -104,6 +104,9 @@ def first_token_under_mistakes(p: torch.Tensor, q: torch.Tensor) -> list[tuple[s
         return keep + (1 - keep.sum()) * recover
 
     residual = (p0 - q0).clamp(min=0)
+    kept_exactly = torch.minimum(p0, q0)  # P(draft x and keep it) under the right rule
+    inverted = q0 * torch.where(p0 > 0, q0 / p0.clamp(min=1e-300), torch.ones_like(q0)).clamp(max=1)
+    second_kept = float(torch.minimum(p[2 - 1].double(), q[1].double()).sum())  # P(draft 1 kept), on its own
     wrong_row = "draft token i checked against target row i + 1 (row i is the distribution at draft token i's position)"
     return [
         ("the recovered token is drawn from p instead of normalize(max(0, p - q))", emitted(torch.minimum(p0, q0), p0)),
@@ -114,6 +117,15 @@ def first_token_under_mistakes(p: torch.Tensor, q: torch.Tensor) -> list[tuple[s
         (wrong_row, emitted(torch.minimum(p1, q0), residual)),  # row i + 1 for keeping only
         (wrong_row, emitted(torch.minimum(p1, q0), (p1 - q0).clamp(min=0))),  # for keeping and recovering
         ("every draft token is kept (no verification)", q0),
+        (
+            "the acceptance ratio is inverted: a draft token kept with probability min(1, q/p) instead of min(1, p/q)",
+            emitted(inverted, residual),
+        ),
+        (  # draft 0 comes out when it is kept, or when it is rejected but draft 1 is kept
+            "drafts kept past the first rejection: the kept prefix must end at the first rejected draft (a cumulative "
+            "product over the keep decisions)",
+            emitted(kept_exactly + (q0 - kept_exactly) * second_kept, residual),
+        ),
     ]
 
 
@@ -282,6 +294,9 @@ def greedy_reference(draft, best, mistake=None) -> list[list[int]]:
         while i < k and i < len(compare) and d[i] == compare[i]:
             out.append(d[i])
             i += 1
+        if mistake == "count":  # every match counted, wherever it is: the first that many drafts come out
+            i = sum(x == y for x, y in zip(d, b[:k], strict=True))
+            out = list(d[:i])
         if mistake == "row" and i == k:
             out.append(b[k])
         elif mistake == "no bonus" and i == k:
@@ -290,7 +305,7 @@ def greedy_reference(draft, best, mistake=None) -> list[list[int]]:
             out.append(d[i] if i < k else b[k])
         else:
             out.append(b[i])
-        rows.append(out + [PAD] * (k + 1 - len(out)))
+        rows.append(out + [0 if mistake == "pad 0" else PAD] * (k + 1 - len(out)))
     return rows
 
 
@@ -298,6 +313,9 @@ GREEDY_MISTAKES = {
     "row": "draft token i compared with the argmax of target row i + 1 instead of row i",
     "no bonus": "no bonus token when all k drafts match (row k's argmax must follow them)",
     "draft at mismatch": "the draft's token emitted at the first mismatch instead of the target's argmax",
+    "count": "drafts kept past the first mismatch: every match was counted, but the kept prefix must stop at the first "
+    "mismatch (a cumulative product)",
+    "pad 0": "rows padded with 0 instead of -1 (0 is a token id)",
 }
 
 
@@ -442,6 +460,19 @@ def rollback_violation(log: list, sequence: list[int]) -> str | None:
                 "rejected draft token stayed in the cache, so every later logit of that model attends to it. Set "
                 "cache.seq_len back after each verification"
             )
+        if round_start:
+            # The first token fed (the newest committed one; for the draft, every token it is fed) must go right
+            # after what the cache holds: at position seq_len, where the output has it.
+            committed = fed[:1] if who == "target" else fed
+            for offset, token in enumerate(committed):
+                at = seq_len + offset
+                if at < len(sequence) and token != sequence[at]:
+                    return (
+                        f"at forward {number}, the {who} was fed token {token} at position {at}, where the output has "
+                        f"{sequence[at]}: its cache holds {seq_len} tokens, one token short of the committed ones it "
+                        "should hold. The cache was rolled back too far, or a committed token was never fed to it "
+                        "(after a round that keeps all k drafts, the draft has not seen the last of them)"
+                    )
         held[cache] = cached + fed
         previous = who
     return None
@@ -470,7 +501,33 @@ def target_greedy(hf_target, ids, new) -> list[int]:
     return _greedy_cache[key]
 
 
-def check_stats(stats, k, new, which, spy_forwards):
+def drafted_there(spy_target, position: int, sequence: list[int]) -> str | None:
+    """Why the output went wrong at `position`, if the token there is the draft's proposal for it."""
+    for _, _, seq_len, fed in spy_target.calls[1:]:
+        if seq_len < position <= seq_len + len(fed) - 1 and fed[position - seq_len] == sequence[position]:
+            return (
+                "the token there is the one the draft proposed, and the target's argmax differs: a draft token was "
+                "kept or emitted where it does not match the target's argmax at its position (draft token i is "
+                "checked against verify row i, and at the first mismatch the target's own token comes out)"
+            )
+    return None
+
+
+def stats_comparing_the_next_row(greedy: list[int], k: int, new: int) -> tuple[int, int] | None:
+    """(accepted, target forwards) of a loop whose draft is the target but compares draft token i with target row
+    i + 1: its drafts are the target's own greedy tokens, so a round keeps them while each equals the next one."""
+    committed, accepted, forwards = 1, 0, 1
+    while committed < new:
+        if committed + k >= len(greedy):
+            return None
+        kept = 0
+        while kept < k and greedy[committed + kept] == greedy[committed + kept + 1]:
+            kept += 1
+        committed, accepted, forwards = committed + kept + 1, accepted + kept, forwards + 1
+    return accepted, forwards
+
+
+def check_stats(stats, k, new, which, spy_forwards, greedy=None):
     assert isinstance(stats, dict) and {"drafted", "accepted", "target_forwards"} <= set(stats), (
         f"stats must be a dict with drafted, accepted and target_forwards, got {stats!r}"
     )
@@ -481,9 +538,15 @@ def check_stats(stats, k, new, which, spy_forwards):
     )
     assert drafted == k * rounds, f"{rounds} rounds of k = {k} drafts: drafted must be {k * rounds}, got {drafted}"
     if which == "draft = target":
+        next_row = greedy is not None and stats_comparing_the_next_row(greedy, k, new) == (accepted, forwards)
         assert accepted == drafted, (
             f"the draft is the target, so every draft is kept: accepted must be {drafted}, got {accepted}"
             + (" (off by one per round: off-by-one in the accepted count)" if abs(accepted - drafted) == rounds else "")
+            + (
+                " (exactly what comparing draft token i with target row i + 1 gives: verify row i scores draft i)"
+                if next_row and accepted != drafted
+                else ""
+            )
         )
         assert forwards == 1 + math.ceil((new - 1) / (k + 1)), (
             f"with every draft kept, each round emits k + 1 = {k + 1} tokens: {new} tokens take "
@@ -491,7 +554,9 @@ def check_stats(stats, k, new, which, spy_forwards):
         )
     if which == "adversarial draft":
         assert accepted == 0, f"no draft of the adversarial draft can be kept: accepted must be 0, got {accepted}" + (
-            " (one per round: off-by-one in the accepted count)" if accepted == rounds else ""
+            " (one per round: off-by-one in the accepted count)"
+            if accepted == rounds
+            else (" (accepted equals drafted: count only the drafts the target kept)" if accepted == drafted else "")
         )
         assert forwards == new, f"keeping nothing, each pass emits one token: {new} passes, got {forwards}"
     assert new <= 1 + accepted + rounds <= new + k, (
@@ -510,25 +575,36 @@ NEW_TOKENS = 32
 def test_greedy_speculative_decoding_returns_the_targets_own_tokens(spec, target, drafts, hf_target, k, which):
     ids = prompt(0)
     spy_target, spy_draft = spies(target, drafts[which], ids.shape[1] + NEW_TOKENS + k)
-    result = spec.speculative_generate(spy_target, spy_draft, ids, NEW_TOKENS, k)
+    longer = target_greedy(hf_target, ids, NEW_TOKENS + 9)  # past the end: the drafts of the last round (k <= 8)
+    expected = longer[:NEW_TOKENS]
+    try:
+        result = spec.speculative_generate(spy_target, spy_draft, ids, NEW_TOKENS, k)
+    except Exception as error:
+        # The output must be the target's own greedy tokens: replay what each cache held against them.
+        why = rollback_violation(spy_target.log, ids[0].tolist() + expected)
+        if why is None:
+            raise
+        pytest.fail(f"k = {k}, {which}: speculative_generate raised {error!r}. Replayed against the target's own "
+                    f"greedy tokens: {why}.", pytrace=False)  # fmt: skip
     assert isinstance(result, tuple) and len(result) == 2, "speculative_generate must return (tokens, stats)"
     tokens, stats = result
     assert isinstance(tokens, torch.Tensor) and tokens.shape == (1, NEW_TOKENS) and tokens.dtype == torch.int64, (
         f"tokens must be [1, {NEW_TOKENS}] int64, got {getattr(tokens, 'shape', type(tokens).__name__)}"
     )
-    expected = target_greedy(hf_target, ids, NEW_TOKENS)
     got = tokens[0].tolist()
+    sequence = ids[0].tolist() + got
+    why = rollback_violation(spy_target.log, sequence)
     if got != expected:
         first = next(i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b)
-        sequence = ids[0].tolist() + got
-        why = rollback_violation(spy_target.log, sequence)
+        why = why or drafted_there(spy_target, ids.shape[1] + first, sequence)
         pytest.fail(
             f"k = {k}, {which}: greedy speculative decoding must give exactly the target's own greedy tokens; they "
             f"differ from token {first} on: expected {expected[first : first + 8]}, got {got[first : first + 8]}."
             + (f" {why}." if why else ""),
             pytrace=False,
         )
-    check_stats(stats, k, NEW_TOKENS, which, len(spy_target.calls))
+    assert why is None, f"k = {k}, {which}: the tokens are right, but {why}"
+    check_stats(stats, k, NEW_TOKENS, which, len(spy_target.calls), longer)
 
 
 def test_both_caches_hold_only_committed_tokens(spec, target, drafts):
@@ -605,26 +681,83 @@ TOY_TARGET = [[0.1, 0.6, 0.2, 0.1], [0.5, 0.1, 0.1, 0.3], [0.2, 0.2, 0.5, 0.1], 
 TOY_DRAFT = [[0.4, 0.2, 0.2, 0.2], [0.1, 0.1, 0.7, 0.1], [0.25, 0.25, 0.25, 0.25], [0.1, 0.6, 0.2, 0.1]]
 
 
-def test_sampled_tokens_follow_the_target_end_to_end(spec):
-    """Sampling through the whole loop (toy bigram models, k = 2): tokens 2 and 3 come out of a verification round,
-    and their joint distribution must be the target's, whatever the draft."""
-    samples, generator = 3000, torch.Generator().manual_seed(5)
+def tempered(table, temperature: float) -> torch.Tensor:
+    """Rows softmax(log(table) / temperature), in float64."""
+    t = torch.tensor(table, dtype=torch.float64) ** (1 / temperature)
+    return t / t.sum(-1, keepdim=True)
+
+
+def pair_distribution(first: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """P(y2, y3) flattened, when y1 ~ first, y2 ~ rows[y1] and y3 ~ rows[y2]."""
+    return (first[:, None, None] * rows[:, :, None] * rows[None]).sum(0).flatten()
+
+
+def sampled_pairs(spec, samples: int, temperature: float, seed: int) -> torch.Tensor:
+    """y2 * 4 + y3 for `samples` runs of the loop (toy bigram models, k = 2, 3 new tokens after the prompt [0])."""
+    generator = torch.Generator().manual_seed(seed)
     target, draft = Bigram(TOY_TARGET), Bigram(TOY_DRAFT)
     pairs = []
     for _ in range(samples):
-        tokens, _ = spec.speculative_generate(target, draft, torch.tensor([[0]]), 3, 2, 1.0, generator)
+        tokens, _ = spec.speculative_generate(target, draft, torch.tensor([[0]]), 3, 2, temperature, generator)
         pairs.append(int(tokens[0, 1]) * 4 + int(tokens[0, 2]))
-    t = torch.tensor(TOY_TARGET, dtype=torch.float64)
-    joint = (t[0][:, None, None] * t[:, :, None] * t[None]).sum(0).flatten()  # P(y2, y3) after the prompt [0]
-    got = torch.tensor(pairs)
-    # 16 cells, 15 degrees of freedom: critical value 56.49 at a false-failure probability of 1e-6.
+    return torch.tensor(pairs)
+
+
+def pair_statistic(got: torch.Tensor, joint: torch.Tensor) -> float:
     counts = torch.bincount(got, minlength=16).double()
-    stat = float(((counts - samples * joint) ** 2 / (samples * joint)).sum())
-    assert stat < 56.49, (
-        f"the 2nd and 3rd sampled tokens (pairs, 16 cells) must follow the target: expected "
-        f"{[round(x, 3) for x in joint.tolist()]}, got {[round(x, 3) for x in (counts / samples).tolist()]} "
-        f"(chi-square {stat:.1f}, 15 degrees of freedom, critical 56.49). Check that the draft samples its tokens from "
-        "q = softmax(logits / temperature), that rejection_sample gets those q rows, and the verify pass's rows as p"
+    return float(((counts - len(got) * joint) ** 2 / (len(got) * joint)).sum())
+
+
+PAIR_CRITICAL = 56.49  # 16 cells, 15 degrees of freedom: chi-square critical value at a false-failure rate of 1e-6
+
+
+def check_pairs(got: torch.Tensor, temperature: float, advice: str) -> None:
+    """The 2nd and 3rd tokens must follow the target at `temperature`; name a mistake whose distribution fits."""
+    t = tempered(TOY_TARGET, temperature)
+    joint = pair_distribution(t[0], t)  # P(y2, y3) after the prompt [0]
+    stat = pair_statistic(got, joint)
+    if stat < PAIR_CRITICAL:
+        return
+    untempered = tempered(TOY_TARGET, 1.0)
+    greedy_first = torch.zeros(4, dtype=torch.float64)
+    greedy_first[int(t[0].argmax())] = 1
+    mistakes = {  # every distribution a mistake gives that differs from the right one here
+        "the first token (after the prefill) taken by argmax instead of sampled": pair_distribution(greedy_first, t),
+        "the target's probabilities in the verification not divided by the temperature (p = softmax(logits / "
+        "temperature), like the draft's q)": pair_distribution(t[0], untempered),
+    }
+    fits = [name for name, dist in mistakes.items() if (dist - joint).abs().max() > 1e-6
+            and pair_statistic(got, dist) < PAIR_CRITICAL]  # fmt: skip
+    samples = len(got)
+    counts = torch.bincount(got, minlength=16).double()
+    pytest.fail(
+        f"at temperature {temperature}, the 2nd and 3rd sampled tokens (pairs, 16 cells) must follow the target: "
+        f"expected {[round(x, 3) for x in joint.tolist()]}, got {[round(x, 3) for x in (counts / samples).tolist()]} "
+        f"(chi-square {stat:.1f}, 15 degrees of freedom, critical {PAIR_CRITICAL}). "
+        + (f"This looks like: {fits[0]}. " if len(fits) == 1 else "")
+        + advice,
+        pytrace=False,
+    )
+
+
+def test_sampled_tokens_follow_the_target_end_to_end(spec):
+    """Sampling through the whole loop (toy bigram models, k = 2): tokens 2 and 3 come out of a verification round,
+    and their joint distribution must be the target's, whatever the draft."""
+    check_pairs(
+        sampled_pairs(spec, 3000, 1.0, seed=5),
+        1.0,
+        "Check that the draft samples its tokens from q = softmax(logits / temperature), that rejection_sample gets "
+        "those q rows, and the verify pass's rows as p",
+    )
+
+
+def test_sampling_divides_both_models_logits_by_the_temperature(spec):
+    """The same at temperature 2: the target's distribution is softmax(logits / 2), in the prefill and in every
+    verification (the rule keeps the output exact whatever q is, as long as q is what the draft sampled from)."""
+    check_pairs(
+        sampled_pairs(spec, 2000, 2.0, seed=6),
+        2.0,
+        "Divide the logits by the temperature before every softmax: the prefill's, the draft's and the verify pass's",
     )
 
 

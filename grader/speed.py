@@ -23,7 +23,6 @@ machine, CPU-only CI included:
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +32,7 @@ import pytest
 from . import device
 from .scoring import Scoreboard, SpeedResult
 from .thresholds import resolve
-from .timing import L2Flusher, Timing, copy_bandwidth, time_calls, time_host_calls, time_host_interleaved
+from .timing import L2Flusher, Timing, copy_bandwidth, gc_paused, time_calls, time_host_calls, time_host_interleaved
 
 Setup = Callable[[], tuple[tuple, dict]]
 
@@ -98,23 +97,13 @@ class Speed(Judge):
 
     def bench(self, fn: Callable, setup: Setup, *, rounds: int = 20, warmup: int = 3, check=None) -> Timing:
         """Time the code under test through pytest-benchmark; every timed result goes through `check`."""
-        results = []
-
-        def timed(*args, **kwargs):
-            results.append(fn(*args, **kwargs))
 
         def setup_then_flush():
             args, kwargs = setup()
             self.flush()
             return args, kwargs
 
-        def teardown(*args, **kwargs):
-            result = results.pop()
-            if check is not None:
-                check(result, *args, **kwargs)
-
-        self.benchmark.pedantic(timed, setup=setup_then_flush, teardown=teardown, rounds=rounds, warmup_rounds=warmup)
-        return Timing(list(self.benchmark.stats.stats.data))
+        return _checked_pedantic(self.benchmark, fn, setup_then_flush, rounds, warmup, check)
 
     def bandwidth_fraction(self, timing: Timing, nbytes: int) -> float:
         achieved = nbytes / timing.median
@@ -168,21 +157,25 @@ class HostSpeed(Judge):
         """Time the code under test through pytest-benchmark's host clock; every timed result goes through `check`."""
         if self.benchmark.disabled:  # under xdist or --benchmark-disable: time it ourselves, report nothing
             return self.time(fn, setup, rounds=rounds, warmup=warmup, check=check)
-        results = []
 
-        def timed(*args, **kwargs):
-            collecting = gc.isenabled()
-            gc.disable()
-            try:
-                results.append(fn(*args, **kwargs))
-            finally:
-                if collecting:
-                    gc.enable()
+        def gc_paused_fn(*args, **kwargs):
+            with gc_paused():
+                return fn(*args, **kwargs)
 
-        def teardown(*args, **kwargs):
-            result = results.pop()
-            if check is not None:
-                check(result, *args, **kwargs)
+        return _checked_pedantic(self.benchmark, gc_paused_fn, setup, rounds, warmup, check)
 
-        self.benchmark.pedantic(timed, setup=setup, teardown=teardown, rounds=rounds, warmup_rounds=warmup)
-        return Timing(list(self.benchmark.stats.stats.data))
+
+def _checked_pedantic(benchmark, fn: Callable, setup: Setup, rounds: int, warmup: int, check) -> Timing:
+    """pytest-benchmark's pedantic mode, with each call's result handed to `check` after its round (outside timing)."""
+    results = []
+
+    def timed(*args, **kwargs):
+        results.append(fn(*args, **kwargs))
+
+    def teardown(*args, **kwargs):
+        result = results.pop()
+        if check is not None:
+            check(result, *args, **kwargs)
+
+    benchmark.pedantic(timed, setup=setup, teardown=teardown, rounds=rounds, warmup_rounds=warmup)
+    return Timing(list(benchmark.stats.stats.data))

@@ -25,6 +25,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H200: 60 MB)
@@ -121,6 +122,18 @@ def copy_bandwidth(nbytes: int = 2**30, rounds: int = 20) -> float:
     return 2 * nbytes / timing.median
 
 
+@contextmanager
+def gc_paused():
+    """No garbage collection inside: a collection of the whole heap would land in whichever call it interrupted."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def time_host_calls(
     fn: Callable,
     setup: Callable[[], tuple[tuple, dict]],
@@ -150,15 +163,10 @@ def time_host_interleaved(
     for i in range(warmup + rounds):
         for name, (fn, setup) in calls.items():
             args, kwargs = setup()
-            collecting = gc.isenabled()
-            gc.disable()
-            try:
+            with gc_paused():
                 start = time.perf_counter()
                 result = fn(*args, **kwargs)
                 elapsed = time.perf_counter() - start
-            finally:
-                if collecting:
-                    gc.enable()
             if check is not None:
                 check(name, result, *args, **kwargs)
             if i >= warmup:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fixtures.course_model import encode, heldout_bytes, load_hf
-from fixtures.speculative_models import CachedModel
+from fixtures.speculative_models import CachedModel, greedy_decode
 
 PAD = -1
 
@@ -804,18 +804,6 @@ def gpu_pair():
     return hf, CachedModel(hf), CachedModel(load_hf("draft", dtype=torch.float16, device="cuda"))
 
 
-def target_only(model, ids, new):
-    """Greedy decoding with the target alone, through the same cached forward: the baseline, equally lean."""
-    cache = model.new_cache(1, ids.shape[1] + new)
-    out = torch.empty(1, new, dtype=torch.long, device=ids.device)
-    token = model.forward(ids, cache)[:, -1:].argmax(-1)
-    out[:, :1] = token
-    for i in range(1, new):
-        token = model.forward(token, cache)[:, -1:].argmax(-1)
-        out[:, i : i + 1] = token
-    return out
-
-
 @pytest.mark.speed
 @pytest.mark.points(2)
 def test_speculative_decoding_beats_target_only_decoding(spec, gpu_pair, speed):
@@ -843,7 +831,7 @@ def test_speculative_decoding_beats_target_only_decoding(spec, gpu_pair, speed):
         return tokens
 
     def check(tokens, ids):
-        expected = target_only(target, ids, SPEED_NEW)
+        expected = greedy_decode(target, ids, SPEED_NEW)
         assert tokens.shape == (1, SPEED_NEW), f"expected [1, {SPEED_NEW}] tokens, got {list(tokens.shape)}"
         same = torch.equal(tokens, expected)
         identical.append(same)
@@ -856,7 +844,7 @@ def test_speculative_decoding_beats_target_only_decoding(spec, gpu_pair, speed):
             )
         checked.append(1)
 
-    baseline = speed.time(lambda ids: target_only(target, ids, SPEED_NEW), prompts("baseline"), rounds=20, warmup=2,
+    baseline = speed.time(lambda ids: greedy_decode(target, ids, SPEED_NEW), prompts("baseline"), rounds=20, warmup=2,
                           check=check_baseline)  # fmt: skip
     ours = speed.bench(speculative, prompts("speculative"), rounds=20, warmup=2, check=check)
     accepted = sum(s["accepted"] for s in stats_seen) / max(1, sum(s["drafted"] for s in stats_seen))

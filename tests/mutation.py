@@ -75,8 +75,10 @@ def run_mutant(exercise: str, mutant: Mutant, timeout: float = 300) -> Verdict:
         results = Path(tmp) / "results.json"
         command = [sys.executable, "-m", "pytest", f"exercises/{exercise}", "-q", "-p", "no:cacheprovider",
                    "--impl=solution", f"--solutions={tree}", f"--results={results}", "-o", "addopts=",
-                   *mutant.pytest_args]  # fmt: skip
-        env = dict(os.environ, INFERLAB_SUMMARY="off")
+                   "-p", "mutation_stop", *mutant.pytest_args]  # fmt: skip
+        # The run stops at the first failure that names the mistake (tests/mutation_stop.py): that is all we need.
+        env = dict(os.environ, INFERLAB_SUMMARY="off", INFERLAB_MUTANT_DIAGNOSIS=mutant.diagnosis)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), env.get("PYTHONPATH")]))
         try:
             run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -84,7 +86,8 @@ def run_mutant(exercise: str, mutant: Mutant, timeout: float = 300) -> Verdict:
         if not results.is_file():
             return Verdict(mutant, False, False, [], f"no results file; pytest said:\n{run.stdout[-2000:]}")
         tests = json.loads(results.read_text())["tests"]
-    failed = [t for t in tests if t["max_score"] > 0 and t["score"] < t["max_score"]]
+    ran = [t for t in tests if not t["output"].startswith("not run")]  # the run stops once the mistake is named
+    failed = [t for t in ran if t["max_score"] > 0 and t["score"] < t["max_score"]]
     phrase = mutant.diagnosis.lower()
     diagnosed = any(phrase in (t["name"] + "\n" + t["output"]).lower() for t in failed)
     summaries = [f"{t['name']}: {(t['output'].strip().splitlines() or [''])[-1][:160]}" for t in failed]

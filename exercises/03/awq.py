@@ -66,8 +66,9 @@ def awq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Te
     ValueError or TypeError, before any work, for wrong dtypes, shapes that disagree, or mixed devices.
     """
     # TODO: validate; allocate the output; launch a 2-D grid of programs, each expanding a [BLOCK_K, BLOCK_N] tile.
-    #  Inside the kernel: load the packed words (column n of the output is in word n // 8, nibble position given by
-    #  n % 8 through ORDER), shift and mask, subtract the zero of group k // G, multiply by the scale of that group.
+    #  Inside the kernel: load the packed words (column n of the output is in word n // 8, in nibble
+    #  [0, 4, 1, 5, 2, 6, 3, 7][n % 8]: the inverse of ORDER, since nibble i holds column ORDER[i]), shift and mask,
+    #  subtract the zero of group k // G, multiply by the scale of that group.
     raise NotImplementedError("awq_dequantize: one Triton program per output tile; unpack, subtract z, times s")
 
 

@@ -13,6 +13,7 @@ import torch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of a word holds column 8c + ORDER[i]
+INVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]  # column j sits in nibble INVERSE_ORDER[j]: reading it as ORDER is a bug
 DTYPES = [torch.float16, torch.bfloat16]
 
 
@@ -38,6 +39,8 @@ def reference_unpack(packed: torch.Tensor, order=ORDER, mask=True) -> torch.Tens
 
 def reference_dequant(qweight, scales, qzeros, *, order=ORDER, mask=True, zeros=True, group_rows="interleave"):
     q, z = reference_unpack(qweight, order, mask), reference_unpack(qzeros, order, mask)
+    if zeros == "eight":  # the symmetric-int4 habit: a constant zero point of 8
+        z = torch.full_like(z, 8)
     group = qweight.shape[0] // scales.shape[0]
     if group_rows == "interleave":  # row k uses group k // G
         z, s = z.repeat_interleave(group, 0), scales.repeat_interleave(group, 0)
@@ -51,7 +54,10 @@ MISTAKES = {
         order=list(range(8))
     ),
     "the top nibble sign-extended: a word's int32 sign bit is copied in by >> 28, so mask with & 0xF": dict(mask=False),
+    "nibble i read into column [0, 4, 1, 5, 2, 6, 3, 7][i]: the permutation inverted (column j sits in nibble "
+    "[0, 4, 1, 5, 2, 6, 3, 7][j]; nibble i holds column [0, 2, 4, 6, 1, 3, 5, 7][i])": dict(order=INVERSE_ORDER),
     "zero points not subtracted": dict(zeros=False),
+    "a constant zero point of 8 subtracted instead of each group's qzeros": dict(zeros="eight"),
     "group index k % (K / G) (scale rows tiled) instead of k // G (each scale row repeated G times)": dict(
         group_rows="tile"
     ),
@@ -71,7 +77,8 @@ def assert_dequant_equal(got, qweight, scales, qzeros, what=""):
     expected = reference_dequant(qweight, scales, qzeros)
     assert got.dtype == scales.dtype, f"output dtype must be the scales' dtype {scales.dtype}, got {got.dtype}"
     assert got.shape == expected.shape, f"output must be [K, N] = {list(expected.shape)}, got {list(got.shape)}"
-    # Bit-exact, except that the Triton interpreter rounds fp32 -> bf16 ties differently from a GPU: one ulp there.
+    # Bit-exact, except that the Triton interpreter truncates every fp32 -> bf16 conversion (a GPU rounds to nearest
+    # even): about a fifth of a correct kernel's bf16 outputs are one ulp off there.
     one_ulp = INTERPRETED and got.dtype == torch.bfloat16
     same = torch.isclose(got.float(), expected.float(), rtol=2**-7 if one_ulp else 0.0, atol=0.0)
     if bool(same.all()):
@@ -133,6 +140,7 @@ def test_unpack_reads_nibble_i_into_column_order_i(awq):
     words = torch.tensor([[word - 2**32]], dtype=torch.int32)  # the same 32 bits, as a (negative) int32
     got = awq.unpack_awq(words.to(DEVICE)).cpu()
     expected = torch.tensor([[1, 5, 2, 6, 3, 7, 4, 8]])  # column ORDER[i] holds nibble i (= i + 1 here)
+    assert_nibbles_masked(got)
     assert torch.equal(got.long(), expected), (
         f"a word whose nibbles 0..7 hold 1..8 unpacks to columns {expected.tolist()[0]} (nibble i holds column "
         f"[0, 2, 4, 6, 1, 3, 5, 7][i]), got {got.tolist()[0]}"
@@ -144,10 +152,36 @@ def test_unpack_handles_negative_words(awq):
     got = awq.unpack_awq(qweight)
     assert got.shape == (16, 64), f"[16, 8] words unpack to [16, 64] values, got {list(got.shape)}"
     assert got.dtype == torch.int32, f"unpack_awq returns int32 values, got {got.dtype}"
-    assert torch.equal(got.long().cpu(), reference_unpack(qweight).cpu()), (
-        "unpack differs from the format on full-range words: for negative words, >> copies the sign bit in, so mask "
-        "every nibble with & 0xF"
+    if torch.equal(got.long().cpu(), reference_unpack(qweight).cpu()):
+        return
+    assert_nibbles_masked(got)
+    named = [
+        name
+        for name, variant in UNPACK_MISTAKES.items()
+        if torch.equal(got.long().cpu(), reference_unpack(qweight, **variant).cpu())
+    ]
+    pytest.fail(
+        "unpack differs from the format on full-range words (half of them negative)"
+        + (f": your values are exactly what this mistake gives: {named[0]}" if named else ""),
+        pytrace=False,
     )
+
+
+def assert_nibbles_masked(values):
+    low, high = int(values.min()), int(values.max())
+    assert 0 <= low and high <= 15, (
+        f"unpacked values must be 4-bit (0..15), got values from {low} to {high}: mask every nibble with & 0xF "
+        "(a shift leaves the bits above the nibble in place, and >> of a negative word copies its sign bit in)"
+    )
+
+
+UNPACK_MISTAKES = {
+    "nibbles read in natural order (nibble i = column i)": dict(order=list(range(8))),
+    "the permutation inverted (nibble i read into column [0, 4, 1, 5, 2, 6, 3, 7][i])": dict(order=INVERSE_ORDER),
+    "the top nibble sign-extended: for negative words >> copies the sign bit in; mask every nibble with & 0xF": dict(
+        mask=False
+    ),
+}
 
 
 def test_pack_inverts_unpack_over_the_full_int32_range(awq):
@@ -194,8 +228,10 @@ def test_dequantize_covers_tails_of_every_size(awq, poisoned, K, N, G):
 
 def test_dequantize_subtracts_the_zero_point_of_each_group(awq):
     qweight, scales, _ = random_awq(64, 16, 32, seed=5)
-    qzeros = torch.full((2, 2), 0x88888888 - 2**32, dtype=torch.int32, device=DEVICE)  # every zero point is 8
-    assert_dequant_equal(awq.awq_dequantize(qweight, scales, qzeros), qweight, scales, qzeros, "zero points of 8: ")
+    # Group 0's zero points are 3, group 1's 12, in every column: a kernel that subtracts a constant 8 (the symmetric
+    # int4 habit) or group 0's zeros everywhere cannot pass.
+    qzeros = torch.tensor([[0x33333333] * 2, [0xCCCCCCCC - 2**32] * 2], dtype=torch.int32, device=DEVICE)
+    assert_dequant_equal(awq.awq_dequantize(qweight, scales, qzeros), qweight, scales, qzeros, "zero points 3 and 12: ")
 
 
 def test_dequantize_sign_of_the_top_nibble(awq):

@@ -34,6 +34,7 @@ class Mutant:
     new: str
     diagnosis: str  # a phrase (case-insensitive) that a failing test's name or message must contain
     pytest_args: tuple[str, ...] | None = None  # e.g. ("-k", "cost") to run only the tests it needs; default below
+    needs_cuda: bool = False  # a mistake only a GPU path makes (e.g. inside a CUDA graph): graded where CUDA is
 
 
 @dataclass
@@ -94,9 +95,16 @@ def run_mutant(exercise: str, mutant: Mutant, timeout: float = 300) -> Verdict:
     return Verdict(mutant, bool(failed), diagnosed, summaries)
 
 
+def gradable_mutants(exercise: str) -> list[Mutant]:
+    """The exercise's mutants that this machine can grade: those of GPU-only paths need CUDA."""
+    import torch
+
+    return [m for m in mutants_of(exercise) if not m.needs_cuda or torch.cuda.is_available()]
+
+
 def run_all(exercise: str, workers: int = 2) -> list[Verdict]:
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda m: run_mutant(exercise, m), mutants_of(exercise)))
+        return list(pool.map(lambda m: run_mutant(exercise, m), gradable_mutants(exercise)))
 
 
 def report(exercise: str, verdicts: list[Verdict]) -> str:
@@ -104,6 +112,9 @@ def report(exercise: str, verdicts: list[Verdict]) -> str:
     caught = sum(v.caught for v in verdicts)
     diagnosed = sum(v.diagnosed for v in verdicts)
     lines = [f"exercise {exercise}: caught {caught}/{n}, diagnosed {diagnosed}/{n}"]
+    left = len(mutants_of(exercise)) - n
+    if left:
+        lines[0] += f" ({left} more need a CUDA GPU)"
     for v in verdicts:
         mark = "diagnosed" if v.diagnosed else ("caught" if v.caught else "MISSED")
         lines.append(f"  {mark:<10} {v.mutant.name}" + (f"  ({v.error.splitlines()[0]})" if v.error else ""))

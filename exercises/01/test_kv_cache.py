@@ -476,19 +476,59 @@ def test_generate_matches_transformers_greedy(kv, tiny, hf_tiny, batch):
     assert torch.equal(ids, prompt), "generate must not modify the prompt tensor"
 
 
+class LogitsRecorder:
+    """Wraps model.logits to keep the last position's logits of every step, eager or replayed from a CUDA graph.
+
+    The copy into the buffer is itself a device operation with a device-side step counter, so when a decode step is
+    captured in a CUDA graph the recording is captured with it and runs at every replay.
+    """
+
+    def __init__(self, model, steps: int):
+        self.inner = model.logits
+        self.steps = torch.zeros((), dtype=torch.long, device=model.device)
+        self.buffer = torch.full((2 * steps + 8, 2, model.vocab_size), float("nan"), device=model.device)
+
+    def __call__(self, hidden):
+        logits = self.inner(hidden)
+        slot = self.steps.clamp(max=self.buffer.shape[0] - 1).view(1)
+        self.buffer.index_copy_(0, slot, logits[:, -1:].transpose(0, 1).to(self.buffer.dtype))
+        self.steps.add_(1)
+        return logits
+
+
 @pytest.mark.gpu
-def test_generate_on_a_gpu_matches_transformers_greedy(kv):
-    """The GPU path (the reference replays a CUDA graph) is held to the same tokens as the CPU path, at fp32."""
+def test_generate_on_a_gpu_matches_transformers_logits_at_every_step(kv, monkeypatch):
+    """The GPU path (the reference replays a CUDA graph) is held to transformers' logits at every step, at fp32.
+
+    Greedy tokens alone can hide a RoPE or mask mistake on a random model; the logits cannot.
+    """
     hf_model = build_hf_model("tiny", seed=3, device="cuda")
     model = Llama(hf_model)
+    new_tokens = 24
+    recorder = LogitsRecorder(model, new_tokens)
+    monkeypatch.setattr(model, "logits", recorder)
     ids = random_ids(model, batch=2, tokens=9, seed=31, device="cuda")
-    got = kv.generate(model, ids, max_new_tokens=24)
-    logits = hf_logits(hf_model, torch.cat([ids, got], dim=1))[:, ids.shape[1] - 1 : -1]
-    gap = logits.max(-1).values - logits.gather(-1, got[..., None]).squeeze(-1)
+    got = kv.generate(model, ids, max_new_tokens=new_tokens)
+    torch.cuda.synchronize()
+    expected = hf_logits(hf_model, torch.cat([ids, got], dim=1))[:, ids.shape[1] - 1 : -1]  # [B, N, V]
+    gap = expected.max(-1).values - expected.gather(-1, got[..., None]).squeeze(-1)
     steps = (gap > 1e-3).nonzero()
     assert not len(steps), (
         f"on the GPU, generate's token at step {int(steps[0, 1])} (sequence {int(steps[0, 0])}) is not the argmax of "
         f"transformers' logits (gap {float(gap.max()):.3f}): the GPU decode path computes something else"
+    )
+    # Match each step to the recorded call closest to it: a warm-up call before a graph capture is not a mistake.
+    calls = min(int(recorder.steps), recorder.buffer.shape[0])
+    recorded = recorder.buffer[:calls]  # [calls, B, V]
+    distance = (recorded[:, None] - expected.transpose(0, 1)[None]).abs().amax(dim=(2, 3))  # [calls, steps]
+    error = distance.nan_to_num(float("inf")).amin(dim=0)  # per step; a NaN row matches nothing
+    bound = 1e-3 * expected.abs().amax()
+    wrong = (error > bound).nonzero().flatten()
+    assert not len(wrong), (
+        f"on the GPU, no call of model.logits gave transformers' logits for decode steps {wrong.tolist()} (closest "
+        f"differs by {float(error.max()):.3g}, allowed {float(bound):.2g}; model.logits ran {int(recorder.steps)} "
+        f"times for {new_tokens} tokens): the GPU decode path (a CUDA graph, if you capture one) computes something "
+        "else than the eager path, though its greedy tokens may agree"
     )
 
 

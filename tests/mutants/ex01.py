@@ -89,4 +89,14 @@ MUTANTS = [
            "        \"\"\"Forget every stored token; keep the memory.\"\"\"\n        self.seq_len = 0",
            "        \"\"\"Forget every stored token; keep the memory.\"\"\"\n        self.seq_len = 0\n        self.keys, self.values = self.keys.clone(), self.values.clone()",
            "reset must keep"),
+    # The GPU path: generate replays a CUDA-graphed decode step (graded by the GPU logits test only).
+    Mutant("GPU graph step: RoPE of the previous position", F,
+           "    positions = position.view(1)\n", "    positions = (position - 1).view(1)\n",
+           "GPU decode path", ("-k", "gpu"), needs_cuda=True),
+    Mutant("GPU graph step: the new token does not see itself", F,
+           'torch.where(slots <= position, 0.0, float("-inf"))', 'torch.where(slots < position, 0.0, float("-inf"))',
+           "GPU decode path", ("-k", "gpu"), needs_cuda=True),
+    Mutant("GPU graph step: scores scaled by 1/D", F,
+           "heads // kv_heads, dim) * dim**-0.5", "heads // kv_heads, dim) / dim",
+           "GPU decode path", ("-k", "gpu"), needs_cuda=True),
 ]

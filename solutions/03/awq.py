@@ -588,7 +588,7 @@ def _gemv_kernels(x: torch.Tensor, scales: torch.Tensor, G: int, qweight=None, q
 
 
 def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor) -> torch.Tensor:
-    """y = x @ dequantize(qweight, scales, qzeros): x [M, K] in scales.dtype -> y [M, N] in x.dtype."""
+    """y = x @ dequantize(qweight, scales, qzeros): x [M, K] (1 <= M <= 16) in scales.dtype -> y [M, N] in x.dtype."""
     K, N, G = _check_weights("awq_gemv", qweight, scales, qzeros)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"awq_gemv: x must be a torch.Tensor, got {type(x).__name__}")
@@ -596,12 +596,12 @@ def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
         raise TypeError(f"awq_gemv: x must have the scales' dtype {scales.dtype}, got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != K:
         raise ValueError(f"awq_gemv: x must be [M, K] with K = {K} (qweight rows), got shape {tuple(x.shape)}")
+    if not 1 <= x.shape[0] <= 16:
+        raise ValueError(f"awq_gemv: x must have 1 to 16 rows (a decode batch), got M = {x.shape[0]}")
     if x.device != qweight.device:
         raise ValueError(f"awq_gemv: x is on device {x.device} but the weights are on device {qweight.device}")
     M = x.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0:
-        return out
     x, qweight, scales, qzeros = x.contiguous(), qweight.contiguous(), scales.contiguous(), qzeros.contiguous()
     # The CPU interpreter runs programs one after the other, so few big ones are fastest there.
     num_sms = _num_sms(x.device) if x.is_cuda else 1

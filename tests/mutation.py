@@ -68,6 +68,13 @@ def mutated_source(exercise: str, mutant: Mutant) -> str:
     return source.replace(mutant.old, mutant.new)
 
 
+def unused_plugins(exercise: str) -> list[str]:
+    """Plugins an exercise's tests never use: loading them costs about a second per mutant process."""
+    tests = "".join(p.read_text() for p in (ROOT / "exercises" / exercise).glob("test_*.py"))
+    plugins = ["anyio"] + (["hypothesispytest"] if "hypothesis" not in tests else [])
+    return [arg for plugin in plugins for arg in ("-p", f"no:{plugin}")]
+
+
 def run_mutant(exercise: str, mutant: Mutant, timeout: float = 300) -> Verdict:
     with tempfile.TemporaryDirectory(prefix=f"mutant{exercise}-") as tmp:
         tree = Path(tmp) / "solutions"
@@ -76,7 +83,7 @@ def run_mutant(exercise: str, mutant: Mutant, timeout: float = 300) -> Verdict:
         results = Path(tmp) / "results.json"
         command = [sys.executable, "-m", "pytest", f"exercises/{exercise}", "-q", "-p", "no:cacheprovider",
                    "--impl=solution", f"--solutions={tree}", f"--results={results}", "-o", "addopts=",
-                   "-p", "mutation_stop", *mutant.pytest_args]  # fmt: skip
+                   "-p", "mutation_stop", *unused_plugins(exercise), *mutant.pytest_args]  # fmt: skip
         # The run stops at the first failure that names the mistake (tests/mutation_stop.py): that is all we need.
         env = dict(os.environ, INFERLAB_SUMMARY="off", INFERLAB_MUTANT_DIAGNOSIS=mutant.diagnosis)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), env.get("PYTHONPATH")]))

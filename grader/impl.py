@@ -4,6 +4,11 @@ Tests never import an exercise module themselves: they ask the `impl` fixture fo
 grades a student's work, the reference solution, or an instructor's private solutions tree. Modules are imported from
 their file path under a unique name, once per session; an import that fails is remembered and reported to every test
 that asks for it, as one clear failure each instead of a crash at collection.
+
+Under `python -m grader` the test process also reports when it starts and finishes importing a student module
+(`listener`), so that an import that hangs or crashes the process is recognised as such; the modules named in
+`known_broken` (by an earlier process of the same run) are not imported again, and fail each test at once with the
+reason.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ import importlib.util
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+
+from .limits import TimeLimitExceeded
 
 IMPL_CHOICES = ("student", "solution")
 IMPL_ENV = "INFERLAB_IMPL"
@@ -31,6 +39,8 @@ class Implementations:
     exercises_root: Path
     solutions_root: Path
     _modules: dict[tuple[str, str], ModuleType | ImplementationError] = field(default_factory=dict)
+    known_broken: dict[str, str] = field(default_factory=dict)  # "01/kv_cache" -> why it cannot be imported
+    listener: Callable[[str, str], None] | None = None  # called ("importing" | "imported", "01/kv_cache")
 
     @classmethod
     def from_options(cls, rootdir: Path, impl: str | None, solutions: str | None) -> Implementations:
@@ -50,7 +60,16 @@ class Implementations:
     def load(self, exercise: str, module: str) -> ModuleType:
         key = (exercise, module)
         if key not in self._modules:
-            self._modules[key] = self._import(exercise, module)
+            label = f"{exercise}/{module}"
+            if label in self.known_broken:
+                self._modules[key] = ImplementationError(f"could not import {self.path(exercise, module)}:\n"
+                                                         f"{self.known_broken[label]}")  # fmt: skip
+            else:
+                if self.listener is not None:
+                    self.listener("importing", label)
+                self._modules[key] = self._import(exercise, module)
+                if self.listener is not None:
+                    self.listener("imported", label)
         loaded = self._modules[key]
         if isinstance(loaded, ImplementationError):
             raise loaded
@@ -69,9 +88,13 @@ class Implementations:
             spec.loader.exec_module(mod)
         except KeyboardInterrupt:
             raise
-        except (
-            BaseException
-        ) as exc:  # any error in the student's file (sys.exit, pytest.skip too): one failure per test
+        except TimeLimitExceeded as exc:  # the import itself hangs: this test times out, the next ones fail at once
+            del sys.modules[name]
+            self._modules[(exercise, module)] = ImplementationError(
+                f"could not import {path}: importing it did not finish within {exc.seconds:g} s (a loop at import?)"
+            )
+            raise
+        except BaseException as exc:  # any error in the student's file (sys.exit, pytest.skip too): one per test
             del sys.modules[name]
             where = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             return ImplementationError(f"could not import {path}:\n{where}")

@@ -9,7 +9,7 @@ out of the correctness points alone. A test that never ran (the session was stop
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .thresholds import Threshold
@@ -24,6 +24,16 @@ class SpeedResult:
     passed: bool
     roofline: float | None = None  # fraction of the measured copy bandwidth (or compute peak), if it applies
     detail: str = ""
+    bytes_per_s: float | None = None  # for a roofline fraction: what the kernel achieved ...
+    copy_bandwidth: float | None = None  # ... against the limit measured on this GPU
+    hardware: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SpeedResult:
+        return cls(**{**data, "threshold": Threshold(**data["threshold"])})
 
 
 @dataclass
@@ -33,10 +43,25 @@ class TestResult:
     name: str
     points: float
     visibility: str = "visible"  # Gradescope's: visible, hidden, after_due_date, after_published
-    speed_test: bool = False
     outcome: str = "not run"  # not run, passed, failed or skipped (by the grader, e.g. no GPU)
     message: str = "not run: the session ended before this test finished"
     speed: list[SpeedResult] = field(default_factory=list)
+    limit: float = 0.0  # seconds this test may take (0: no limit)
+    speed_kind: str = ""  # "gpu" (the speed fixture or marker), "host" (host_speed) or "" (correctness)
+    path: str = ""  # the test file, relative to the root
+    duration: float = 0.0  # seconds, setup to teardown
+    skip_reason: str = ""  # why the grader skips it before it runs (no GPU), known at collection
+
+    def to_record(self) -> dict:
+        return {**asdict(self), "speed": [s.to_dict() for s in self.speed]}
+
+    @classmethod
+    def from_record(cls, data: dict) -> TestResult:
+        return cls(**{**data, "speed": [SpeedResult.from_dict(s) for s in data.get("speed", [])]})
+
+    @property
+    def speed_test(self) -> bool:
+        return bool(self.speed_kind)
 
     @property
     def earned(self) -> float:

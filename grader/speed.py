@@ -9,6 +9,9 @@
 CUDA-event clock. `time` measures baselines in the same test with the same method. Both call `setup()` for fresh
 inputs before every call, flush L2 outside the timed region, warm up first, and hand every timed result to
 `check`, so a fast wrong answer never passes. Thresholds come from the exercise's thresholds.toml, never seconds.
+`bench` holds the code under test to more (grader/timed_inputs.py, grader/timing.py): `check` is required, every
+call must get a freshly made input, the inputs must come back unchanged (`inputs_written` names any the function
+writes by design), and work left running on another CUDA stream after the call returns fails the test.
 
 `host_speed` is the same discipline for work that runs on the CPU (an allocator, a scheduler), graded on every
 machine, CPU-only CI included:
@@ -24,15 +27,16 @@ machine, CPU-only CI included:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import pytest
 
-from . import device
+from . import device, timing
 from .scoring import Scoreboard, SpeedResult
 from .thresholds import resolve
-from .timing import L2Flusher, Timing, copy_bandwidth, gc_paused, time_calls, time_host_calls, time_host_interleaved
+from .timed_inputs import TimedInputs
+from .timing import L2Flusher, Timing, gc_paused, time_calls, time_host_calls, time_host_interleaved
 
 Setup = Callable[[], tuple[tuple, dict]]
 
@@ -42,7 +46,7 @@ _session_bandwidth: list[float] = []
 def session_copy_bandwidth() -> float:
     """Measured once per session, the first time a speed test needs it."""
     if not _session_bandwidth:
-        _session_bandwidth.append(copy_bandwidth())
+        _session_bandwidth.append(timing.copy_bandwidth())
     return _session_bandwidth[0]
 
 
@@ -55,6 +59,7 @@ class Judge:
         self.impl = impl
         self.thresholds = thresholds
         self.scoreboard = scoreboard
+        self.last_bandwidth: tuple[float | None, float | None] = (None, None)  # bytes/s achieved, copy bandwidth
 
     @property
     def gpu(self) -> str | None:
@@ -68,7 +73,9 @@ class Judge:
         """Record `measured` against the threshold `name` and fail the test with a clear message if it misses."""
         threshold = resolve(self.thresholds, name, self.impl, self.gpu)
         passed = threshold.passes(measured)
-        self.scoreboard.record_speed(self.nodeid, SpeedResult(threshold, measured, passed, roofline, detail))
+        achieved, limit = self.last_bandwidth if roofline is not None else (None, None)
+        result = SpeedResult(threshold, measured, passed, roofline, detail, achieved, limit, self.hardware)
+        self.scoreboard.record_speed(self.nodeid, result)
         self.benchmark.extra_info[name] = measured
         self.benchmark.extra_info[f"{name}_threshold"] = f"{threshold.symbol} {threshold.value:g}"
         if not passed:
@@ -95,20 +102,35 @@ class Speed(Judge):
         """Time a baseline: same method as `bench`, not reported to pytest-benchmark."""
         return time_calls(fn, setup, self.flush, rounds=rounds, warmup=warmup, check=check)
 
-    def bench(self, fn: Callable, setup: Setup, *, rounds: int = 20, warmup: int = 3, check=None) -> Timing:
-        """Time the code under test through pytest-benchmark; every timed result goes through `check`."""
+    def bench(self, fn: Callable, setup: Setup, *, rounds: int = 20, warmup: int = 3, check=None,
+              inputs_written: Collection[int | str] = ()) -> Timing:  # fmt: skip
+        """Time the code under test through pytest-benchmark; every timed result goes through `check` (required)."""
+        if check is None:
+            raise TypeError("speed.bench needs check=: every timed output is re-checked, so a fast wrong one fails")
+        inputs = TimedInputs(setup, inputs_written)
 
         def setup_then_flush():
-            args, kwargs = setup()
+            args, kwargs = inputs()
             self.flush()
             return args, kwargs
 
-        return _checked_pedantic(self.benchmark, fn, setup_then_flush, rounds, warmup, check)
+        def verified(result, *args, **kwargs):
+            inputs.verify()
+            check(result, *args, **kwargs)
+
+        first = len(timing.stray_work)
+        measured = _checked_pedantic(self.benchmark, fn, setup_then_flush, rounds, warmup, verified)
+        stray = timing.stray_work_message(timing.stray_work[first:])
+        del timing.stray_work[first:]
+        if stray:
+            pytest.fail(stray, pytrace=False)
+        return measured
 
     def bandwidth_fraction(self, timing: Timing, nbytes: int) -> float:
         achieved = nbytes / timing.median
         fraction = achieved / self.copy_bandwidth
         self.benchmark.extra_info.update(bytes=nbytes, bytes_per_s=achieved, roofline_fraction=fraction)
+        self.last_bandwidth = (achieved, self.copy_bandwidth)
         return fraction
 
 
@@ -149,8 +171,8 @@ class HostSpeed(Judge):
             warmup_rounds=warmup,
         )
         timings = {name: Timing(s) for name, s in samples.items()}
-        for name, timing in timings.items():
-            self.benchmark.extra_info[f"median_seconds[{name}]"] = timing.median
+        for name, measured in timings.items():
+            self.benchmark.extra_info[f"median_seconds[{name}]"] = measured.median
         return timings
 
     def bench(self, fn: Callable, setup: Setup, *, rounds: int = 20, warmup: int = 3, check=None) -> Timing:

@@ -1,7 +1,8 @@
 """`python -m grader.student_repo DIR`: write the repo a course hands to students.
 
 It holds what a student needs and nothing that gives answers away: the exercises (stubs, tests, READMEs,
-thresholds), the fixtures, the grader, and the files that install and register it. It leaves out the reference
+thresholds), the fixtures, the grader, the files that install and register it, and GitHub Classroom's autograding
+workflow (autograder/classroom.yml, as .github/workflows/classroom.yml). It leaves out the reference
 solutions, the grader's own tests (they need the solutions), CI, and the history (a fresh folder, no .git), since
 a clone of the full repo's history holds the solutions too. Instructors keep the solutions elsewhere and grade with
 `--impl=solution --solutions PATH`, or copy a student's file over and grade it as usual.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 COPIED = ("exercises", "fixtures", "grader", "conftest.py", "pyproject.toml", "README.md", ".gitignore")
+WORKFLOW = ("autograder/classroom.yml", ".github/workflows/classroom.yml")  # (from, to)
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".benchmarks", "*.egg-info")
 
 
@@ -33,10 +35,14 @@ def write_student_repo(destination: Path, source: Path = ROOT) -> list[str]:
             shutil.copytree(path, destination / name, ignore=IGNORED)
         elif path.is_file():
             shutil.copy2(path, destination / name)
+    workflow = source / WORKFLOW[0]
+    if workflow.is_file():
+        (destination / WORKFLOW[1]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(workflow, destination / WORKFLOW[1])
     leaked = sorted(str(p.relative_to(destination)) for p in destination.rglob("*") if "solutions" in p.parts)
     if leaked:
         raise RuntimeError(f"the student repo would hold solutions: {leaked}")
-    return sorted(COPIED)
+    return sorted(COPIED) + ([WORKFLOW[1]] if workflow.is_file() else [])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,19 +17,53 @@ Host work (an allocator, a scheduler: Python on the CPU) is timed with `time.per
 collector paused, so that a collection of the whole heap never lands inside one call. Two pieces of host work that a
 test compares are timed *interleaved*, call by call, so that both see the same machine: on a shared 2-core CI runner
 the load changes from second to second, and a ratio of two medians taken a second apart would carry that change.
+
+The clocks are the ones bound when the grader was imported (`perf_counter` below, the CUDA event functions in
+`bind_cuda`, which the plugin calls before any student code runs): code under test that replaces `time.perf_counter`
+or `torch.cuda.Event.elapsed_time` does not change what the grader measures (and grader/guard.py fails the test).
+
+Work left running on another CUDA stream would end after the end stamp and go unmeasured, so subtracting two stamps
+also waits for the whole device and notes how long that took (`stray_work`): a timed call whose device was still busy
+well after its end stamp has launched work the stamp did not wait for.
 """
 
 from __future__ import annotations
 
 import gc
 import statistics
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from time import perf_counter  # bound at import, before any student code: see the module docstring
 
 FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H200: 60 MB)
 SPIN_CYCLES = 2_000_000  # about 1 ms at 2 GHz: longer than the host needs to launch one call
+
+
+STRAY_FLOOR = 20e-6  # seconds: what a device synchronize costs on an idle GPU, with margin
+
+
+class _Cuda:
+    """torch.cuda's event functions, bound once (`bind_cuda`) so that a replaced one does not change our clock."""
+
+    Event = record = synchronize = elapsed_time = device_synchronize = None
+
+
+def bind_cuda() -> None:
+    """Bind the CUDA clock functions now (the plugin calls this before the code under test is imported)."""
+    if _Cuda.Event is not None:
+        return
+    import torch
+
+    _Cuda.Event = torch.cuda.Event
+    _Cuda.record = torch.cuda.Event.record
+    _Cuda.synchronize = torch.cuda.Event.synchronize
+    _Cuda.elapsed_time = torch.cuda.Event.elapsed_time
+    _Cuda.device_synchronize = torch.cuda.synchronize
+
+
+# (GPU seconds between the stamps, host seconds the whole device then took to go idle), one per subtraction
+stray_work: list[tuple[float, float]] = []
 
 
 class EventStamp:
@@ -38,19 +72,38 @@ class EventStamp:
     __slots__ = ("event",)
 
     def __init__(self):
-        import torch
-
-        self.event = torch.cuda.Event(enable_timing=True)
-        self.event.record()
+        bind_cuda()
+        self.event = _Cuda.Event(enable_timing=True)
+        _Cuda.record(self.event)
 
     def __sub__(self, earlier: EventStamp) -> float:
-        self.event.synchronize()
-        return earlier.event.elapsed_time(self.event) / 1e3
+        _Cuda.synchronize(self.event)
+        elapsed = _Cuda.elapsed_time(earlier.event, self.event) / 1e3
+        start = perf_counter()
+        _Cuda.device_synchronize()  # every stream: anything still running was launched and not waited for
+        stray_work.append((elapsed, perf_counter() - start))
+        return elapsed
 
 
 def cuda_event_clock() -> EventStamp:
     """The timer given to pytest-benchmark for GPU speed tests."""
     return EventStamp()
+
+
+def stray_work_message(measurements: list[tuple[float, float]]) -> str | None:
+    """Why the timings cannot be trusted, if the device kept running well past the end stamps; else None."""
+    if not measurements:
+        return None
+    elapsed = statistics.median(e for e, _ in measurements)
+    stray = statistics.median(s for _, s in measurements)
+    if stray <= STRAY_FLOOR + 0.5 * elapsed:
+        return None
+    return (
+        f"work was left running on another CUDA stream: the timed calls measured {elapsed * 1e6:.1f} us (median), "
+        f"but the GPU stayed busy {stray * 1e6:.1f} us after each call's end was recorded on the current stream. "
+        "Launch the work on torch.cuda.current_stream(), or make the current stream wait for your stream "
+        "(torch.cuda.current_stream().wait_stream(s)) before returning."
+    )
 
 
 class L2Flusher:
@@ -99,9 +152,9 @@ def time_calls(
     for i in range(warmup + rounds):
         args, kwargs = setup()
         flush()
-        start = EventStamp()
+        start = cuda_event_clock()
         result = fn(*args, **kwargs)
-        elapsed = EventStamp() - start
+        elapsed = cuda_event_clock() - start
         if check is not None:
             check(result, *args, **kwargs)
         if i >= warmup:
@@ -164,9 +217,9 @@ def time_host_interleaved(
         for name, (fn, setup) in calls.items():
             args, kwargs = setup()
             with gc_paused():
-                start = time.perf_counter()
+                start = perf_counter()
                 result = fn(*args, **kwargs)
-                elapsed = time.perf_counter() - start
+                elapsed = perf_counter() - start
             if check is not None:
                 check(name, result, *args, **kwargs)
             if i >= warmup:

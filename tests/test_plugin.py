@@ -154,9 +154,13 @@ def test_cli_grades_and_exits_zero_whatever_the_score(course, monkeypatch, tmp_p
     assert json.loads((tmp_path / "r.json").read_text())["score"] == (5.0 if GPU else 4.0)
     with pytest.raises(SystemExit):
         cli.main(["99"])
+    assert cli.main(["07", "--results", str(tmp_path / "x.json"), "--", "-x"]) == 0  # the stub, stopping early
+    outputs = [t["output"] for t in json.loads((tmp_path / "x.json").read_text())["tests"]]
+    assert "not implemented yet" in outputs[0] and outputs[1].startswith("not run: the test session stopped")
 
 
-def test_cli_keeps_grading_when_an_exercise_crashes(course, monkeypatch, tmp_path):
+def test_cli_keeps_grading_when_a_test_crashes_its_process(course, monkeypatch, tmp_path):
+    """A crash costs the test in flight; the tests after it run again in a fresh process; the maximum stays."""
     from grader import cli
 
     (course.path / "exercises/08").mkdir()
@@ -170,8 +174,9 @@ def test_cli_keeps_grading_when_an_exercise_crashes(course, monkeypatch, tmp_pat
     assert cli.main(["--impl", "solution", "--results", str(results)]) == 0
     tests = {t["name"]: t for t in json.loads(results.read_text())["tests"]}
     assert tests["07 test_doubles"]["score"] == 3.0, "exercise 07 must keep its points when exercise 08 crashes"
-    assert tests["08 test_other"]["score"] == 0.0 and tests["08 test_other"]["max_score"] == 1.0
-    assert "crashed" in tests["08 test_crash"]["output"]
+    assert tests["08 test_other"]["score"] == 1.0 and tests["08 test_other"]["max_score"] == 1.0
+    assert tests["08 test_crash"]["max_score"] == 1.0 and "crashed" in tests["08 test_crash"]["output"]
+    assert "SIGABRT" in tests["08 test_crash"]["output"]
 
 
 def test_tests_that_never_ran_earn_nothing(course):
@@ -179,6 +184,69 @@ def test_tests_that_never_ran_earn_nothing(course):
     course.runpytest("--impl=solution", "--collect-only", f"--results={results}")
     data = json.loads(results.read_text())
     assert data["score"] == 0.0 and {t["max_score"] for t in data["tests"]} >= {3.0, 1.0}
+
+
+def test_collect_only_prints_what_is_graded_not_a_failing_score(course):
+    result = course.runpytest("--collect-only", "-q")
+    result.stdout.fnmatch_lines(["inferlab: 2 graded tests collected, worth 4 points (nothing ran*"] if not GPU else
+                                ["inferlab: 3 graded tests collected, worth 5 points (nothing ran*"])  # fmt: skip
+    assert "inferlab score" not in result.stdout.str() and "0 / " not in result.stdout.str()
+
+
+HANGING = """
+import pytest
+
+def test_loops(impl):
+    impl("doubling").double(1)
+    while True:
+        pass
+
+@pytest.mark.time_limit(30)
+def test_long_but_allowed(impl):
+    assert impl("doubling").double(1) == 2
+
+def test_after(impl):
+    assert impl("doubling").double(2) == 4
+"""
+
+
+def test_a_test_past_its_limit_fails_alone_and_says_so(course):
+    """The in-process limit (SIGALRM) stops a Python loop, names where it was, and the session goes on."""
+    (course.path / "exercises/07/test_hang.py").write_text(HANGING)
+    result = course.runpytest("--impl=solution", "--test-timeout=1", "exercises/07/test_hang.py")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*timed out after 1 s: the test did not finish within its time limit. It was stopped "
+                                 "in test_hang.py:? in test_loops()*"])  # fmt: skip
+
+
+def test_a_replaced_comparison_fails_the_test_and_is_put_back(course):
+    (course.path / "solutions/07/doubling.py").write_text(
+        "import torch\n\ntorch.testing.assert_close = lambda *a, **k: None\n\n\ndef double(x):\n    return 2 * x\n"
+    )
+    (course.path / "exercises/07/test_close.py").write_text(
+        "import torch\n\ndef test_first(impl):\n    impl('doubling')\n\n"
+        "def test_close(impl):\n    torch.testing.assert_close(torch.ones(1), torch.zeros(1))\n"
+    )
+    result = course.runpytest("--impl=solution", "exercises/07/test_close.py")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*the grading helpers were modified while this test ran (torch.testing.assert_close*"])
+    assert "Tensor-likes are not close" in result.stdout.str(), "the real assert_close must be back for later tests"
+
+
+POISONING = """
+def test_breaks_the_context(impl):
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+def test_after(impl):
+    assert impl("doubling").double(2) == 4
+"""
+
+
+def test_after_a_broken_cuda_context_the_next_tests_say_why_they_did_not_run(course):
+    (course.path / "exercises/07/test_poison.py").write_text(POISONING)
+    result = course.runpytest("--impl=solution", "exercises/07/test_poison.py")
+    result.assert_outcomes(failed=1, errors=1)
+    result.stdout.fnmatch_lines(["*the CUDA context was broken by an earlier test (*test_breaks_the_context)*"])
 
 
 def test_a_skip_raised_by_the_code_under_test_is_a_failure(course):

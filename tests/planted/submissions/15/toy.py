@@ -1,0 +1,5 @@
+"""sys.exit at import."""
+
+import sys
+
+sys.exit(3)

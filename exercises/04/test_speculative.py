@@ -501,15 +501,18 @@ def target_greedy(hf_target, ids, new) -> list[int]:
     return _greedy_cache[key]
 
 
+DRAFT_KEPT = (
+    "the token there is the one the draft proposed, and the target's argmax differs: a draft token was kept or emitted "
+    "where it does not match the target's argmax at its position (draft token i is checked against verify row i, and "
+    "at the first mismatch the target's own token comes out)"
+)
+
+
 def drafted_there(spy_target, position: int, sequence: list[int]) -> str | None:
     """Why the output went wrong at `position`, if the token there is the draft's proposal for it."""
     for _, _, seq_len, fed in spy_target.calls[1:]:
         if seq_len < position <= seq_len + len(fed) - 1 and fed[position - seq_len] == sequence[position]:
-            return (
-                "the token there is the one the draft proposed, and the target's argmax differs: a draft token was "
-                "kept or emitted where it does not match the target's argmax at its position (draft token i is "
-                "checked against verify row i, and at the first mismatch the target's own token comes out)"
-            )
+            return DRAFT_KEPT
     return None
 
 
@@ -622,21 +625,45 @@ def test_both_caches_hold_only_committed_tokens(spec, target, drafts):
 
 
 def test_trained_draft_cuts_target_passes_per_token(spec, target, drafts):
-    """The algorithmic speedup: target forward passes per generated token, with the acceptance rate."""
+    """The algorithmic speedup: target forward passes per generated token, with the acceptance rate, over four
+    prompts spread evenly over the held-out text (acceptance varies a lot from one text to the next)."""
     totals = dict(drafted=0, accepted=0, target_forwards=0)
-    new = 96
-    for index in range(2):
-        _, stats = spec.speculative_generate(target, drafts["trained draft"], prompt(index), new, 4)
+    new, text = 96, heldout_bytes()
+    starts = torch.linspace(0, len(text) - 25, 4).long().tolist()
+    for start in starts:
+        _, stats = spec.speculative_generate(target, drafts["trained draft"], encode(text[start : start + 24]), new, 4)
         for key in totals:
             totals[key] += int(stats[key])
-    per_token = totals["target_forwards"] / (2 * new)
+    per_token = totals["target_forwards"] / (len(starts) * new)
     acceptance = totals["accepted"] / max(1, totals["drafted"])
-    # The reference: 0.30 passes per token, 0.60 of drafts kept (the pair agrees on 0.79 of greedy tokens, and a
+    # The reference: 0.31 passes per token, 0.58 of drafts kept (the pair agrees on 0.81 of greedy tokens, and a
     # round stops at its first rejection). Decoding with the target alone takes 1 pass per token.
     assert per_token <= 0.4 and acceptance >= 0.5, (
         f"k = 4 with the trained draft: {per_token:.2f} target passes per token with {acceptance:.2f} of the drafts "
         "kept; expected at most 0.4 passes per token and at least 0.5 kept"
     )
+
+
+def test_greedy_with_the_models_as_handed_over(spec, target, drafts, hf_target):
+    """The same contract with the cached models themselves, no wrapper around them: the target's own greedy tokens,
+    and statistics that fit them (k drafts a round; each round emits its kept drafts and one token)."""
+    ids, new, k = prompt(1), 40, 4
+    expected = target_greedy(hf_target, ids, new + 9)[:new]
+    tokens, stats = spec.speculative_generate(target, drafts["trained draft"], ids, new, k)
+    got = tokens[0].tolist()
+    if got != expected:
+        first = next(i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b)
+        # With the right tokens before it, the draft proposes its greedy choice there (whichever step of a round).
+        draft = drafts["trained draft"]
+        context = torch.cat([ids, torch.tensor([expected[:first]], dtype=torch.long)], dim=1)
+        proposed = int(draft.forward(context, draft.new_cache(1, context.shape[1]))[0, -1].argmax())
+        pytest.fail(
+            f"k = {k}, the trained draft, the models unwrapped: greedy speculative decoding must give exactly the "
+            f"target's own greedy tokens; they differ from token {first} on: expected {expected[first : first + 8]}, "
+            f"got {got[first : first + 8]}." + (f" {DRAFT_KEPT}." if got[first] == proposed else ""),
+            pytrace=False,
+        )
+    check_stats(stats, k, new, "trained draft", int(stats["target_forwards"]))
 
 
 def test_sampling_with_draft_equal_to_target_keeps_every_draft(spec, target, drafts):
@@ -794,7 +821,7 @@ def test_speculative_generate_rejects_bad_input(spec, target, drafts, mistake):
 
 # --- speed (GPU): ratios measured in this run, thresholds in thresholds.toml ----------------------------------------
 
-SPEED_K = 4  # the reference's best k on an H200 (notes: BENCHMARKS.md)
+SPEED_K = 6  # the reference's best k on an H200 (notes: BENCHMARKS.md)
 SPEED_NEW = 256
 
 

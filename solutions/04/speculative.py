@@ -11,11 +11,23 @@ The loop keeps one host synchronisation per round (reading how many tokens were 
 everything else, the draft's choices included, stays on the device. The public functions check their inputs, which
 costs synchronisations (reading a minimum, a maximum, a sum back to Python); the loop calls the rules unchecked on
 inputs it made itself: on a GPU, where a small model's round is bound by the host, every synchronisation shows.
+
+Greedy decoding with models that offer `forward_at` (fixtures/speculative_models.py's CachedModel) goes further: the
+committed length lives on the device, so a whole round (k draft steps, the verify pass, the acceptance count, the
+rollback) is one function of device tensors with no synchronisation, recorded once as a CUDA graph on a GPU. The host
+replays as many rounds as are surely needed (each emits at most k + 1 tokens), then reads the length once. The
+rounds, tokens and statistics are those of the loop above; only the draft's first step of a round differs: it is
+always fed the two newest committed tokens (one of them again, to the same cache slot), so that every round has the
+same shape whether or not the last one kept all k drafts.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+
+from fixtures.speculative_models import record_graph
 
 PAD = -1  # fills the rows of rejection_sample and greedy_verify past the last emitted token
 _SUM_TOLERANCE = 1e-3
@@ -142,6 +154,8 @@ def speculative_generate(
     tokens the target kept, "target_forwards": target forward passes, the prefill included}.
     """
     _check_generate(target, draft, input_ids, max_new_tokens, k, temperature)
+    if temperature == 0 and hasattr(target, "forward_at") and hasattr(draft, "forward_at"):
+        return _greedy_rounds_on_device(target, draft, input_ids, max_new_tokens, k)
     prompt_len = input_ids.shape[1]
     capacity = prompt_len + max_new_tokens + k
     sequence = torch.empty(1, capacity, dtype=torch.long, device=input_ids.device)
@@ -188,6 +202,95 @@ def speculative_generate(
         target_cache.seq_len = length - 1
         draft_cache.seq_len = min(draft_cache.seq_len, length - 1)
     return sequence[:, prompt_len : prompt_len + max_new_tokens].clone(), stats
+
+
+_ROUNDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # target -> {(draft, k, cache buffers): _Rounds}
+
+
+def _greedy_rounds_on_device(target, draft, input_ids, max_new_tokens: int, k: int) -> tuple[torch.Tensor, dict]:
+    """speculative_generate, greedy, with the committed length on the device: see the module docstring."""
+    prompt_len = input_ids.shape[1]
+    end = prompt_len + max_new_tokens
+    capacity = end + k
+    target_cache, draft_cache = target.new_cache(1, capacity), draft.new_cache(1, capacity)
+    on_gpu = input_ids.is_cuda
+    key = (id(draft), k, target_cache.keys.data_ptr(), draft_cache.keys.data_ptr())
+    per_target = _ROUNDS.setdefault(target, {}) if on_gpu else {}
+    rounds = per_target.get(key)
+    if rounds is None:  # a GPU cache's buffers come back from the model's pool: recorded rounds stay valid
+        rounds = per_target[key] = _Rounds(target, draft, k, target_cache.keys.shape[3])
+    # Prefill: the target holds the prompt and gives the first token; the draft holds all but the newest two
+    # committed tokens (the invariant at the start of every round).
+    first = target.forward(input_ids, target_cache)[:, -1:].argmax(-1)
+    if prompt_len > 1:
+        draft.forward(input_ids[:, :-1], draft_cache)
+    committed = rounds.start(input_ids, first)
+    count = 0
+    while committed < end:
+        needed = -(-(end - committed) // (k + 1))  # each round emits at most k + 1 tokens: all of these are needed
+        for _ in range(needed):
+            rounds.run(target_cache, draft_cache)
+        count += needed
+        committed = int(rounds.committed)  # the one synchronisation per batch of rounds
+    tokens = rounds.sequence[:, prompt_len:end].clone()
+    stats = dict(drafted=k * count, accepted=int(rounds.accepted), target_forwards=1 + count)
+    return tokens, stats
+
+
+class _Rounds:
+    """The device state of greedy speculative rounds on one pair of caches, and (on a GPU) the round as a graph.
+
+    sequence[0, p] is the token at position p; `committed` counts the committed tokens (n). At the start of a round
+    the target's cache holds positions 0 .. n - 2 and the draft's 0 .. n - 3 (anything past them is never read).
+    """
+
+    def __init__(self, target, draft, k: int, slots: int):
+        self.target, self.draft, self.k = weakref.ref(target), draft, k  # weak: _ROUNDS is keyed by the target
+        device = target.device
+        self.sequence = torch.zeros(1, slots + 1, dtype=torch.long, device=device)
+        self.committed = torch.zeros((), dtype=torch.long, device=device)
+        self.accepted = torch.zeros((), dtype=torch.long, device=device)
+        self.offsets = torch.arange(-2, k + 1, device=device)  # a round's positions, n - 2 .. n + k
+        self.graph = None
+
+    def start(self, input_ids: torch.Tensor, first: torch.Tensor) -> int:
+        prompt_len = input_ids.shape[1]
+        self.sequence[:, :prompt_len] = input_ids
+        self.sequence[:, prompt_len : prompt_len + 1] = first
+        self.committed.fill_(prompt_len + 1)
+        self.accepted.zero_()
+        return prompt_len + 1
+
+    def run(self, target_cache, draft_cache) -> None:
+        """One round. The caches are only read when the round runs eagerly (on the CPU, or the first time on a GPU,
+        when it is recorded); a recorded graph holds their buffers, which the models' pools hand out again."""
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.sequence.is_cuda:
+            self.graph = record_graph(lambda: self.round(target_cache, draft_cache))  # runs once, then recorded
+        else:
+            self.round(target_cache, draft_cache)
+
+    def round(self, target_cache, draft_cache) -> None:
+        """One round as device work only: draft k tokens, verify them, keep the agreeing prefix and the target's
+        next token, advance the committed length. No host synchronisation, so it can be recorded as a graph."""
+        k, draft, target = self.k, self.draft, self.target()
+        positions = self.committed + self.offsets  # [k + 3]: n - 2 .. n + k
+        newest = self.sequence.index_select(1, positions[:2])  # [1, 2]: the two newest committed tokens
+        token = draft.forward_at(newest, positions[0], draft_cache)[:, -1:].argmax(-1)
+        drafted = [token]
+        for i in range(1, k):  # draft token i - 1 goes to position n + i - 1
+            token = draft.forward_at(token, positions[i + 1], draft_cache)[:, -1:].argmax(-1)
+            drafted.append(token)
+        fed = torch.cat([newest[:, 1:], *drafted], dim=1)  # [1, k + 1]: the newest committed token, the drafts
+        best = target.forward_at(fed, positions[1], target_cache).argmax(-1)  # [1, k + 1]
+        accepted = (fed[:, 1:] == best[:, :k]).cumprod(dim=1).sum()
+        # The kept drafts equal the target's argmaxes, so best[:, :accepted + 1] is exactly what this round commits;
+        # the rest lands past the new length and is written over later. The caches roll back by the same move: the
+        # new length alone says which slots count.
+        self.sequence.index_copy_(1, positions[2:], best)
+        self.accepted.add_(accepted)
+        self.committed.add_(accepted + 1)
 
 
 def _check_generate(target, draft, input_ids, max_new_tokens, k, temperature) -> None:

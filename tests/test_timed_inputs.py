@@ -54,7 +54,8 @@ def test_work_left_on_another_stream_is_caught_and_honest_timings_are_not():
     honest = [(40e-6, 6e-6)] * 9 + [(40e-6, 80e-6)]  # one slow synchronize: the median ignores it
     assert stray_work_message(honest) is None
     assert stray_work_message([(1e-3, 30e-6)] * 5) is None  # a long kernel, a little jitter
-    sneaky = [(3e-6, 40e-6)] * 10  # returns at once, and the device stays busy for the real work
+    assert stray_work_message([(12.7e-6, 36.8e-6)] * 5) is None  # measured on an H200: driver work after many tests
+    sneaky = [(3e-6, 150e-6)] * 10  # returns at once, and the device stays busy for the real work
     message = stray_work_message(sneaky)
     assert message and "work was left running on another CUDA stream" in message and "wait_stream" in message
     assert stray_work_message([(0.0, STRAY_FLOOR)]) is None

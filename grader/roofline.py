@@ -58,7 +58,7 @@ def write_chart(path: Path | None, scores: Scoreboard) -> str | None:
         ax.set_xticks(list(xs), [r["label"] for r in rows], rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("TB/s moved")
         ax.set_ylim(0, roof * 1.3)
-        ax.set_title(f"{hardware}: speed-graded kernels against the measured copy bandwidth "
+        ax.set_title(f"{hardware}: speed-graded kernels against the measured copy bandwidth\n"
                      "(labels: fraction of it; green passed, red failed)", fontsize=9)  # fmt: skip
         ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()

@@ -41,9 +41,10 @@ SPIN_CYCLES = 2_000_000  # about 1 ms at 2 GHz: longer than the host needs to la
 
 
 # Seconds. On an H200, after a long pytest session (many streams and graphs made by earlier tests), the first device
-# synchronize after an honest call took 37-46 us more than a second one: driver work, not a kernel. So a call counts as
-# leaving work behind only when the device stays busy longer than this floor plus the call's own time.
-STRAY_FLOOR = 50e-6
+# synchronize after an honest call took 46-62 us, and still 37-46 us more than a second synchronize right after it:
+# driver work, not a kernel. So a call counts as leaving work behind only when the device stays busy longer than a
+# floor plus the call's own time.
+STRAY_FLOOR = 100e-6  # twice the worst seen, since the fix could not be re-run on a GPU
 
 
 class _Cuda:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fixtures.course_model import encode, heldout_bytes, load_hf
-from fixtures.speculative_models import CachedModel, greedy_decode
+from fixtures.speculative_models import CachedModel, ForwardOnly, greedy_decode
 
 PAD = -1
 
@@ -385,26 +385,18 @@ def drafts(hf_target):
     }
 
 
-class Contrary:
+class Contrary(ForwardOnly):
     """A draft whose logits are the target's, negated: its greedy choice is never the target's."""
-
-    def __init__(self, model):
-        self.model, self.vocab_size, self.device = model, model.vocab_size, model.device
-        self.max_positions = model.max_positions
-
-    def new_cache(self, batch_size, capacity):
-        return self.model.new_cache(batch_size, capacity)
 
     def forward(self, input_ids, cache):
         return -self.model.forward(input_ids, cache)
 
 
-class Recorder:
+class Recorder(ForwardOnly):
     """Wraps a model and records every forward in a log shared by both models: (who, cache, seq_len before, fed)."""
 
     def __init__(self, model, who: str, log: list, needed: int):
-        self.model, self.vocab_size, self.device = model, model.vocab_size, model.device
-        self.max_positions = model.max_positions
+        super().__init__(model)
         self.who, self.log, self.needed = who, log, needed
         self.capacities = {}
 

@@ -649,10 +649,19 @@ def test_greedy_with_the_models_as_handed_over(spec, target, drafts, hf_target):
         draft = drafts["trained draft"]
         context = torch.cat([ids, torch.tensor([expected[:first]], dtype=torch.long)], dim=1)
         proposed = int(draft.forward(context, draft.new_cache(1, context.shape[1]))[0, -1].argmax())
+        # The same call through wrappers that show only new_cache and forward: right tokens there put the mistake in
+        # a path that uses forward_at (rounds recorded on the device), as the reference has.
+        wrapped = spec.speculative_generate(ForwardOnly(target), ForwardOnly(draft), ids, new, k)[0][0].tolist()
         pytest.fail(
             f"k = {k}, the trained draft, the models unwrapped: greedy speculative decoding must give exactly the "
             f"target's own greedy tokens; they differ from token {first} on: expected {expected[first : first + 8]}, "
-            f"got {got[first : first + 8]}." + (f" {DRAFT_KEPT}." if got[first] == proposed else ""),
+            f"got {got[first : first + 8]}."
+            + (f" {DRAFT_KEPT}." if got[first] == proposed else "")
+            + (" With both models wrapped so that only new_cache and forward are visible the tokens are right, so the "
+               "mistake is in the path that uses forward_at (rounds on the device): there too, draft i is compared "
+               "with the target's row i, counting stops at the first mismatch, the verify pass starts at the "
+               "committed length, and the target's token is committed where they differ." if wrapped == expected
+               else ""),
             pytrace=False,
         )
     check_stats(stats, k, new, "trained draft", int(stats["target_forwards"]))

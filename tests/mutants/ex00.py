@@ -8,8 +8,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mutation import Mutant  # noqa: E402
 
 F = "roofline.py"
-# Nothing here uses hypothesis or anyio: not loading their pytest plugins saves about a second per mutant.
-PYTEST_ARGS = ("-p", "no:hypothesispytest", "-p", "no:anyio")
 KV_PER_TOKEN = "    return 2 * shape.layers * shape.kv_heads * shape.head_dim * element"
 MATMUL_FLOPS = "    matmul_flops = 2 * tokens * L * shape.projection_params_per_layer + 2 * batch * V * d"
 ATTENTION_FLOPS = "    attention_flops = 4 * L * H * D * batch * attended"

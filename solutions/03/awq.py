@@ -521,8 +521,7 @@ def _gemv_config(M: int, K: int, N: int, G: int, num_sms: int = 132, kernels=("m
     """
     known = ("kernel", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
     fixed = _known("gemv_config", dict.fromkeys(known), fixed)
-    # mma pads x to 8-row tiles that each read all of W: past 16 rows tl.dot on dequantized tiles is the better bet.
-    usable = [k for k in kernels if (k != "dot" or (M > 1 and _pow2_divisor(G) >= 16)) and (k != "mma" or M <= 16)]
+    usable = [k for k in kernels if k != "dot" or (M > 1 and _pow2_divisor(G) >= 16)]  # awq_gemv takes M <= 16
     kernel = fixed.get("kernel", usable[0] if usable else "fma")
     if kernel not in kernels:
         raise ValueError(f"gemv_config: kernel {kernel!r} cannot run here; available: {list(kernels)}")

@@ -4,7 +4,7 @@ A speed test that judges a fraction of the copy bandwidth (`speed.bandwidth_frac
 roofline=fraction)`) records what the kernel achieved (bytes moved per second) and the device-to-device copy
 bandwidth measured on the same GPU in the same process: the roof a memory-bound kernel can reach. The chart draws one
 bar per such measurement, the roof as a dashed line, and each test's threshold as a tick on its bar, one panel per
-GPU (fixtures/awq_roofline.py draws the same view for exercise 03's reference and its baselines). matplotlib is
+GPU (bench/03_awq_roofline.py draws the same view for exercise 03's reference and its baselines). matplotlib is
 optional: without it the chart is skipped and the report says why.
 """
 

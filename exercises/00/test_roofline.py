@@ -534,7 +534,7 @@ def test_flops_match_torch_flop_counter_on_transformers_llama(rf):
 
 # --- on a GPU: predictions against measured chains of matrix products -------------------------------------------------
 # The grader measures the copy bandwidth (once per session) and a bf16 8192^3 matrix product's rate; chains of the
-# small Llama's matrix products are timed in the same run (fixtures/roofline_00.py). Thresholds: thresholds.toml.
+# small Llama's matrix products are timed in the same run (bench/00_roofline.py). Thresholds: thresholds.toml.
 
 
 @pytest.fixture(scope="module")
@@ -546,7 +546,7 @@ def small_config():
 
 @pytest.fixture(scope="module")
 def chain(small_config):
-    from fixtures.roofline_00 import SmallLlamaChain
+    from fixtures.roofline_chains import SmallLlamaChain
 
     return SmallLlamaChain(small_config)
 
@@ -554,7 +554,7 @@ def chain(small_config):
 @pytest.fixture
 def ceilings(speed):
     """(copy bandwidth in bytes/s, bf16 matrix rate in FLOP/s), both measured on this GPU in this session."""
-    from fixtures.roofline_00 import matrix_rate
+    from fixtures.roofline_chains import matrix_rate
 
     rate = matrix_rate()
     speed.benchmark.extra_info["matrix_rate_flops_per_s"] = rate
@@ -572,7 +572,7 @@ def judge_prediction(speed, name: str, predicted, measured: float, what: str) ->
 @pytest.mark.speed
 def test_decode_step_time_is_the_roofline_prediction(rf, speed, ceilings, chain, small_config):
     """A memory-bound step: batch 64 after 2048 cached tokens streams 0.34 GB of weights and 1.6 GB of KV cache."""
-    from fixtures.roofline_00 import time_decode
+    from fixtures.roofline_chains import time_decode
 
     batch, cached = 64, 2048
     predicted = rf.roofline_time(rf.decode_cost(small_config, batch, cached), *ceilings)
@@ -584,7 +584,7 @@ def test_decode_step_time_is_the_roofline_prediction(rf, speed, ceilings, chain,
 @pytest.mark.speed
 def test_prefill_time_is_the_roofline_prediction(rf, speed, ceilings, chain, small_config):
     """A compute-bound step: 8 prompts of 1024 tokens, about 2.4 TFLOPs."""
-    from fixtures.roofline_00 import time_prefill
+    from fixtures.roofline_chains import time_prefill
 
     batch, tokens = 8, 1024
     predicted = rf.roofline_time(rf.prefill_cost(small_config, batch, tokens), *ceilings)
@@ -600,7 +600,7 @@ def test_time_per_token_stops_falling_at_the_predicted_crossover_batch(rf, speed
     a little past B*, because a product of a few hundred rows does not reach the 8192^3 product's rate (on an H200 the
     small Llama's chain reaches 400 TFLOP/s at batch 512, 680 at 4096). So: still falling from B*/4 to B*/2, and
     nearly flat from 4 B* to 8 B*."""
-    from fixtures.roofline_00 import time_decode
+    from fixtures.roofline_chains import time_decode
 
     crossover = rf.decode_crossover_batch(small_config, 0, *ceilings)
     if not isinstance(crossover, int) or not 4 <= crossover <= 1024:

@@ -243,7 +243,7 @@ def _gemv_dot_kernel(
 #     rows 4t .. 4t+3 of each 16 rows: mma k = 2t, 2t+1 are rows 4t, 4t+1 and k = 2t+8, 2t+9 rows 4t+2, 4t+3 (and x
 #     is read to match). Two words per lane make a warp read 64 contiguous bytes of a row: with one word per lane
 #     (32 bytes a row), even a pure read of the matrix stays under 75% of copy bandwidth on an H200 (every L2
-#     request then carries one 32-byte sector: fixtures/probe_strip_read.py);
+#     request then carries one 32-byte sector: bench/03_probe_strip_read.py);
 #   * a word's eight columns feed four mmas: mma i takes column 2i as A row g and column 2i+1 as A row g+8.
 # A byte permute (prmt) puts the same nibble of two rows' words into the two halves of a register; ORing nibbles
 # into the mantissa of 1024 (fp16 0x6400) or 128 (bf16 0x4300) makes 1024 + q exactly, and adding -(1024 + z)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import selectors
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ STARTUP_LIMIT = 180.0  # seconds for a child to import torch and collect (a load
 BETWEEN_TESTS_LIMIT = 60.0  # seconds from one test's result to the next test's start
 EXIT_GRACE = 10.0  # seconds a child has to exit after `done`
 TRACEBACK_TAIL = 64 * 1024
+TRACEBACK_WAIT = 1.0  # seconds a hung child has to say where it is before it is killed
 
 
 @dataclass
@@ -117,6 +120,7 @@ def _group_of(user: str) -> int:
 def _follow(process, receiver: Receiver, records_fd: int, traceback_fd: int, plan: dict,
             limits_by_id: dict[str, float], budget_deadline: float) -> ChildRun:  # fmt: skip
     follower = _Follower(plan, limits_by_id)
+    follower.pid = process.pid
     run = follower.run
     open_fds = {records_fd, traceback_fd}
     selector = selectors.DefaultSelector()
@@ -128,8 +132,10 @@ def _follow(process, receiver: Receiver, records_fd: int, traceback_fd: int, pla
         if budget_deadline < deadline:
             deadline, stalled = budget_deadline, "out of budget"
         now = time.monotonic()
-        if now >= deadline:
+        if now >= deadline or follower.out_of_cpu_time(process.pid):
             run.ending = stalled if stalled != "finished" else run.ending
+            if run.ending == "timed out":
+                _ask_for_tracebacks(process.pid, traceback_fd, run)
             break
         exited = process.poll() is not None  # then read what it left in the pipes and stop (a helper it forked
         events = selector.select(timeout=0 if exited else min(deadline - now, 0.5))  # may hold them open)
@@ -174,16 +180,27 @@ class _Follower:
         self.position = 0
         self.done_at: float | None = None
         self.last = self.started = time.monotonic()
+        self.started_cpu: float | None = None  # the child's CPU seconds when the test in flight started
+        self.pid: int | None = None
 
     def deadline(self) -> tuple[float, str]:
         """When to stop waiting, and what it means if that time comes."""
         run = self.run
         if run.in_flight is not None:
             limit = self.limits.get(run.in_flight, 0.0)
-            return (self.started + limits.hard_deadline(limit) if limit else float("inf")), "timed out"
+            return (self.started + limits.wall_deadline(limit) if limit else float("inf")), "timed out"
         if self.done_at is not None:
             return self.done_at + EXIT_GRACE, "finished"
         return self.last + (STARTUP_LIMIT if run.collected is None else BETWEEN_TESTS_LIMIT), "stalled"
+
+    def out_of_cpu_time(self, pid: int) -> bool:
+        """Whether the test in flight has burnt more CPU time than its hard deadline (a hang the test process could
+        not interrupt itself, e.g. in native code or with its signals blocked)."""
+        limit = self.limits.get(self.run.in_flight, 0.0) if self.run.in_flight is not None else 0.0
+        if not limit or self.started_cpu is None:
+            return False
+        spent = cpu_seconds(pid)
+        return spent is not None and spent - self.started_cpu > limits.hard_deadline(limit)
 
     def forged(self, why: str) -> None:
         self.run.rejected.append(why)
@@ -208,6 +225,7 @@ class _Follower:
             if run.in_flight is not None or fields.get("nodeid") != expected:
                 return self.forged(f"a 'start' of {fields.get('nodeid')!r} out of the plan's order")
             run.in_flight, run.importing, self.started = expected, None, self.last
+            self.started_cpu = cpu_seconds(self.pid) if self.pid is not None else None
         elif record.kind in ("importing", "imported"):
             if run.in_flight is None:
                 return self.forged(f"an {record.kind!r} record outside a test")
@@ -234,6 +252,38 @@ class _Follower:
         run.in_flight, run.importing = None, None
         run.poisoned = run.poisoned or bool(fields.get("poisoned"))
         self.position += 1
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds of process `pid` (every thread), from /proc; None where it cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _ask_for_tracebacks(pid: int, traceback_fd: int, run: ChildRun) -> None:
+    """Before a hung child is killed, ask it (SIGUSR1, which its faulthandler answers even from native code) where
+    it is, and read what it writes."""
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + TRACEBACK_WAIT
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([traceback_fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        data = os.read(traceback_fd, 65536)
+        if not data:
+            break
+        run.tracebacks = (run.tracebacks + data.decode(errors="replace"))[-TRACEBACK_TAIL:]
+        if b"Current thread" in data or b"Thread 0x" in data:
+            deadline = min(deadline, time.monotonic() + 0.1)  # the dump came: take what follows it and stop
 
 
 FRAME = re.compile(r'File "(?P<path>[^"]+)", line (?P<line>\d+) in (?P<name>\S+)')

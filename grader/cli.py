@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import reports, sandbox
+from . import limits, reports, sandbox
 from .child import ChildCommand, run_child
 from .impl import IMPL_ENV
 from .scoring import Scoreboard, TestResult, not_graded_lines, table_lines
@@ -121,6 +121,8 @@ def child_command(args: argparse.Namespace, scratch: Path, root: Path) -> ChildC
     secret = args.seed_secret or os.environ.get(SECRET_ENV)
     if secret:
         env[SECRET_ENV] = secret
+    # Measured once here, so that every test process derives the same limits (grader/limits.py).
+    env[limits.SCALE_ENV] = f"{limits.machine_scale():.6g}"
     if args.run_as:
         home = scratch / "home"
         home.mkdir()

@@ -54,6 +54,13 @@ class Implementations:
     def root(self) -> Path:
         return self.exercises_root if self.kind == "student" else self.solutions_root
 
+    @property
+    def bars(self) -> str:
+        """Which speed bars apply (thresholds.toml): "solution" only for the course's own references (solutions/
+        beside exercises/); a student's module graded through --impl=solution --solutions DIR meets the student's."""
+        own = self.exercises_root.parent / "solutions"
+        return "solution" if self.kind == "solution" and self.solutions_root == own.resolve() else "student"
+
     def path(self, exercise: str, module: str) -> Path:
         return self.root / exercise / f"{module}.py"
 

@@ -41,7 +41,8 @@ SEEDING = pytest.StashKey[Seeding]()
 GUARD = pytest.StashKey[Guard]()
 LIMIT = pytest.StashKey[float]()
 POISONED = pytest.StashKey[list]()  # [nodeid] of the test that broke the CUDA context, once one has
-TEST_START = pytest.StashKey[float]()
+TEST_START = pytest.StashKey[float]()  # CPU clock (limits.clock)
+TEST_WALL_START = pytest.StashKey[float]()
 TEST_LIMIT = pytest.StashKey[float]()
 OUT_OF_MEMORY = pytest.StashKey[bool]()
 
@@ -213,7 +214,7 @@ def _graded(item: pytest.Item) -> bool:
 
 
 def _remaining(item: pytest.Item) -> float:
-    return item.stash[TEST_LIMIT] - (time.monotonic() - item.stash[TEST_START])
+    return item.stash[TEST_LIMIT] - (limits.clock() - item.stash[TEST_START])
 
 
 @pytest.hookimpl(wrapper=True)
@@ -221,7 +222,8 @@ def pytest_runtest_setup(item: pytest.Item):
     if not _graded(item):
         return (yield)
     config = item.config
-    item.stash[TEST_START] = time.monotonic()
+    item.stash[TEST_START] = limits.clock()  # CPU time: a busy machine does not eat a test's limit
+    item.stash[TEST_WALL_START] = time.monotonic()
     item.stash[TEST_LIMIT] = config.stash[SCORES].tests[item.nodeid].limit
     config.stash[SEEDING].begin(item.nodeid, mix_secret=item.get_closest_marker("public_seeds") is None)
     if config.stash[POISONED]:
@@ -304,7 +306,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         message = report.longreprtext if not report.skipped else f"skipped: {_skip_reason(report)}"
         config.stash[SCORES].record_phase(item.nodeid, report.when, report.outcome, message)
     if graded and report.when == "teardown":
-        config.stash[SCORES].tests[item.nodeid].duration = time.monotonic() - item.stash.get(TEST_START, 0.0)
+        test = config.stash[SCORES].tests[item.nodeid]
+        test.duration = time.monotonic() - item.stash.get(TEST_WALL_START, 0.0)
+        test.cpu_seconds = limits.clock() - item.stash.get(TEST_START, 0.0)
     return report
 
 
@@ -436,4 +440,4 @@ def _judge_arguments(request: pytest.FixtureRequest, benchmark) -> tuple:
     exercise = exercise_of(request.node) or request.path.parent.name
     thresholds = request.config.rootpath / "exercises" / exercise / "thresholds.toml"
     impls = request.config.stash[IMPLS]
-    return request.node.nodeid, benchmark, impls.kind, thresholds, request.config.stash[SCORES]
+    return request.node.nodeid, benchmark, impls.bars, thresholds, request.config.stash[SCORES]

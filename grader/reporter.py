@@ -14,6 +14,7 @@ import faulthandler
 import json
 import os
 import resource
+import signal
 
 import pytest
 
@@ -42,6 +43,8 @@ class ChildReporter:
         self._sender = Sender(int(os.environ.pop(CHANNEL_FD_ENV)), _read_key(int(os.environ.pop(KEY_FD_ENV))))
         self._tracebacks = os.fdopen(int(os.environ.pop(TRACEBACK_FD_ENV)), "w")
         faulthandler.enable(file=self._tracebacks, all_threads=False)
+        # The parent asks with SIGUSR1 where a test that ran out of CPU time is stuck, before it kills this process.
+        faulthandler.register(signal.SIGUSR1, file=self._tracebacks, all_threads=False)
         with open(os.environ.pop(PLAN_ENV)) as f:
             plan = json.load(f)
         self._collect_only = plan.get("collect_only", False)
@@ -79,8 +82,9 @@ class ChildReporter:
         self._sender.send("start", nodeid=nodeid)
         test = self._scores.tests.get(nodeid)
         if test is not None and test.limit:
-            # A last word before the parent kills a test hung in native code: where it was.
-            when = test.limit * (1 + limits.TEARDOWN_SHARE) + limits.kill_grace(test.limit) / 2
+            # A last word before the parent kills a test hung in native code: where it was. The parent asks for it
+            # with SIGUSR1 when the test runs out of CPU time; this covers the wall-clock backstop (a deadlock).
+            when = limits.wall_deadline(test.limit) - limits.kill_grace(test.limit) / 2
             faulthandler.dump_traceback_later(when, file=self._tracebacks)
 
     def pytest_runtest_logfinish(self, nodeid: str, location) -> None:

@@ -50,6 +50,7 @@ class TestResult:
     speed_kind: str = ""  # "gpu" (the speed fixture or marker), "host" (host_speed) or "" (correctness)
     path: str = ""  # the test file, relative to the root
     duration: float = 0.0  # seconds, setup to teardown
+    cpu_seconds: float = 0.0  # CPU time of the test process, setup to teardown (what time limits count)
     skip_reason: str = ""  # why the grader skips it before it runs (no GPU), known at collection
 
     def to_record(self) -> dict:
@@ -69,7 +70,13 @@ class TestResult:
 
     @property
     def possible(self) -> float:
-        return 0.0 if self.outcome == "skipped" else self.points
+        return 0.0 if self.outcome == "skipped" or self.known_skip else self.points
+
+    @property
+    def known_skip(self) -> bool:
+        """Never run, and would have been skipped by the grader anyway (a GPU test on a CPU): out of the maximum, as
+        when it runs and skips."""
+        return self.outcome == "not run" and bool(self.skip_reason)
 
 
 @dataclass
@@ -79,6 +86,7 @@ class ExerciseTotal:
     passed: int = 0
     failed: int = 0
     skipped: int = 0
+    not_run: int = 0  # never started (pytest -x, -k, a session stopped early): worth nothing, but not failed
 
 
 class Scoreboard:
@@ -109,13 +117,14 @@ class Scoreboard:
             total = totals.setdefault(test.exercise, ExerciseTotal())
             total.earned += test.earned
             total.possible += test.possible
-            outcome = "failed" if test.outcome == "not run" else test.outcome
+            outcome = "skipped" if test.known_skip else test.outcome.replace(" ", "_")
             setattr(total, outcome, getattr(total, outcome) + 1)
         return dict(sorted(totals.items()))
 
     def score_lines(self) -> list[str]:
         lines = table_lines(self.totals())
-        skipped = [t.message for t in self.tests.values() if t.outcome == "skipped"]
+        skipped = [t.message if t.outcome == "skipped" else f"skipped: {t.skip_reason}" for t in self.tests.values()
+                   if t.outcome == "skipped" or t.known_skip]  # fmt: skip
         return lines + not_graded_lines(skipped) if lines else lines
 
     def speed_lines(self) -> list[str]:
@@ -172,9 +181,12 @@ def table_lines(totals: dict[str, ExerciseTotal]) -> list[str]:
     """The score table: one row per exercise, then the total."""
     if not totals:
         return []
-    lines = [f"{'exercise':<10}{'points':>14}{'passed':>8}{'failed':>8}{'skipped':>9}"]
+    not_run = any(t.not_run for t in totals.values())  # a column only when some test never started
+    header = f"{'exercise':<10}{'points':>14}{'passed':>8}{'failed':>8}{'skipped':>9}"
+    lines = [header + (f"{'not run':>9}" if not_run else "")]
     for exercise, t in totals.items():
-        lines.append(f"{exercise:<10}{_pts(t.earned, t.possible):>14}{t.passed:>8}{t.failed:>8}{t.skipped:>9}")
+        row = f"{exercise:<10}{_pts(t.earned, t.possible):>14}{t.passed:>8}{t.failed:>8}{t.skipped:>9}"
+        lines.append(row + (f"{t.not_run:>9}" if not_run else ""))
     earned = sum(t.earned for t in totals.values())
     possible = sum(t.possible for t in totals.values())
     lines.append(f"{'total':<10}{_pts(earned, possible):>14}")

@@ -188,6 +188,7 @@ def _accepted(planned: TestResult, reported: TestResult) -> TestResult:
     final = _final(planned, outcome, "" if outcome == "passed" else message)
     final.speed = reported.speed
     final.duration = reported.duration
+    final.cpu_seconds = reported.cpu_seconds
     return final
 
 

@@ -1,5 +1,6 @@
 """Every answer wrong, and an atexit hook that tries to rewrite the grade: forged records into every pipe the process
-holds, and a helper, forked and detached, that overwrites a results file a few seconds later."""
+holds, and a helper, forked and detached, that waits for the grader's results file and then writes a forged one (the
+attack that matters: it needs the helper alive after the grader has written its results)."""
 
 import atexit
 import json
@@ -18,13 +19,16 @@ def forge():
                 os.write(fd, line)
         except OSError:
             pass
-    target = os.environ.get("PLANTED_FORGE_PATH")
-    if target and os.fork() == 0:
+    target, results = os.environ.get("PLANTED_FORGE_PATH"), os.environ.get("PLANTED_RESULTS_PATH")
+    if target and results and os.fork() == 0:
         os.setsid()
         if os.fork() == 0:
-            time.sleep(3)
-            with open(target, "w") as f:
-                json.dump(FORGED, f)
+            give_up = time.monotonic() + 900  # a helper the grader failed to kill must not outlive the test suite
+            while not os.path.exists(results) and time.monotonic() < give_up:
+                time.sleep(0.05)
+            if os.path.exists(results):
+                with open(target, "w") as f:
+                    json.dump(FORGED, f)
         os._exit(0)
 
 

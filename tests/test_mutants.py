@@ -18,6 +18,7 @@ def test_every_mutant_still_applies_to_the_reference(exercise):
         compile(source, mutant.file, "exec")
 
 
+@pytest.mark.mutation
 @pytest.mark.parametrize("exercise", EXERCISES)
 def test_every_mutant_is_caught(exercise):
     verdicts = run_all(exercise)

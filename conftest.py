@@ -2,6 +2,26 @@
 
 An installed copy registers the same module through its `pytest11` entry point, named `grader.plugin`, so pytest
 sees it once either way.
+
+It also keeps a run's tool state out of the course's tree: pytest-benchmark creates `.benchmarks/` at every start
+(the course saves no benchmark runs: results go to `--benchmark-json`), and hypothesis keeps an example database in
+`.hypothesis/` (the course's searches are derandomized, so a database adds nothing).
 """
 
+import os
+import tempfile
+
+import pytest
+
 pytest_plugins = ["grader.plugin"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "benchmark_storage", None) == "file://./.benchmarks":
+        config.option.benchmark_storage = "file://" + os.path.join(tempfile.gettempdir(), "inferlab-benchmarks")
+    if config.pluginmanager.has_plugin("hypothesispytest"):
+        from hypothesis import settings
+
+        settings.register_profile("inferlab", database=None)
+        settings.load_profile("inferlab")

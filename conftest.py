@@ -4,8 +4,8 @@ An installed copy registers the same module through its `pytest11` entry point, 
 sees it once either way.
 
 It also keeps a run's tool state out of the course's tree: pytest-benchmark creates `.benchmarks/` at every start
-(the course saves no benchmark runs: results go to `--benchmark-json`), and hypothesis keeps an example database in
-`.hypothesis/` (the course's searches are derandomized, so a database adds nothing).
+(the course saves no benchmark runs: results go to `--benchmark-json`), and hypothesis keeps its example database and
+caches in `.hypothesis/`: both go to the temp dir instead.
 """
 
 import os
@@ -21,7 +21,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if getattr(config.option, "benchmark_storage", None) == "file://./.benchmarks":
         config.option.benchmark_storage = "file://" + os.path.join(tempfile.gettempdir(), "inferlab-benchmarks")
     if config.pluginmanager.has_plugin("hypothesispytest"):
-        from hypothesis import settings
+        from hypothesis.configuration import set_hypothesis_home_dir
 
-        settings.register_profile("inferlab", database=None)
-        settings.load_profile("inferlab")
+        set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "inferlab-hypothesis"))

@@ -1,9 +1,10 @@
 """`python -m grader.student_repo DIR`: write the repo a course hands to students.
 
 It holds what a student needs and nothing that gives answers away: the exercises (stubs, tests, READMEs,
-thresholds), the fixtures, the grader, the files that install and register it, and GitHub Classroom's autograding
-workflow (autograder/classroom.yml, as .github/workflows/classroom.yml). It leaves out the reference
-solutions, the grader's own tests (they need the solutions), CI, and the history (a fresh folder, no .git), since
+thresholds), the fixtures, the serving engine that exercise 07 completes, the grader, the files that install and
+register it, and GitHub Classroom's autograding workflow (autograder/classroom.yml, as
+.github/workflows/classroom.yml). It leaves out the reference solutions, the grader's own tests (they need the
+solutions), the instructor's measurement scripts (bench/), CI, and the history (a fresh folder, no .git), since
 a clone of the full repo's history holds the solutions too. Instructors keep the solutions elsewhere and grade with
 `--impl=solution --solutions PATH`, or copy a student's file over and grade it as usual.
 
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COPIED = ("exercises", "fixtures", "grader", "conftest.py", "pyproject.toml", "README.md", ".gitignore")
+COPIED = ("exercises", "fixtures", "engine", "grader", "conftest.py", "pyproject.toml", "README.md", ".gitignore")
 WORKFLOW = ("autograder/classroom.yml", ".github/workflows/classroom.yml")  # (from, to)
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".benchmarks", "*.egg-info")
 

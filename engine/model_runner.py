@@ -181,6 +181,10 @@ class ModelRunner:
         state = load_state_dict(model_dir)
         if quantization not in (None, "awq"):
             raise ValueError(f"quantization must be None or 'awq', got {quantization!r}")
+        method = (getattr(self.config, "quantization_config", None) or {}).get("quant_method")
+        if method != quantization:
+            raise ValueError(f"{model_dir} holds weights quantized with {method!r}; quantization={quantization!r} was "
+                             "asked for: they must agree")  # fmt: skip
         if quantization == "awq":
             from .awq import awq_linears
 
@@ -227,6 +231,14 @@ class ModelRunner:
         """
         if not seqs:
             raise ValueError("a step needs at least one sequence")
+        for s in seqs:  # O(1) each: a stale table would write K and V into another sequence's block
+            end = s.start + len(s.token_ids)
+            if not s.token_ids or s.start < 0 or len(s.block_table) * self.block_size < end:
+                raise ValueError(
+                    f"a sequence computes {len(s.token_ids)} tokens from position {s.start}, but its block table "
+                    f"holds {len(s.block_table)} blocks of {self.block_size}: the block table is stale or short "
+                    "(read it again from the block manager after append_token adds a block)"
+                )
         decodes = [s for s in seqs if len(s.token_ids) == 1]
         prefills = [s for s in seqs if len(s.token_ids) != 1]
         if self.graphs is not None and not prefills and len(decodes) <= self.graphs.max_batch:

@@ -10,7 +10,10 @@ The parent accepts a record only if its MAC is right, its sequence number is the
 `result` must be for the test that `start`ed last, once; a `start` must be the next test of the plan; nothing may
 follow `done`. So an `atexit` hook, a file rewritten after the fact, or a line written into the inherited pipe by the
 code under test is rejected (grader/supervisor.py decides what a rejection costs). What the key cannot stop is code
-that reads it out of the child's memory: see "What remains possible" in grader/supervisor.py.
+that reads it out of the child's memory: in an isolated exercise (grader/isolation.py) the student's code runs in a
+sandbox process that holds neither the key nor the pipe, and cannot read the test process's memory; in the batches
+that still import it into the test process (speed tests, in-process instrumentation), it can, and those tests earn
+their points only when the isolated correctness tests of their exercise all passed.
 """
 
 from __future__ import annotations

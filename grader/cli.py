@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import limits, reports, sandbox
+from . import isolation, limits, reports, sandbox
 from .child import ChildCommand, run_child
 from .impl import IMPL_ENV
 from .scoring import Scoreboard, TestResult, not_graded_lines, table_lines
@@ -159,12 +159,12 @@ class Grading:
 
     def run(self) -> None:
         self.collect()
-        batches = {"correctness": [], "speed (GPU)": [], "speed (host)": []}
-        kinds = {"": "correctness", "gpu": "speed (GPU)", "host": "speed (host)"}
+        batches = {"correctness": [], "in-process": [], "speed (GPU)": [], "speed (host)": []}
         for exercise in self.exercises:
             for label in batches:
                 tests = [
-                    t for t in self.collected[exercise] if kinds[t.speed_kind] == label and t.nodeid not in self.results
+                    t for t in self.collected[exercise]
+                    if isolation.batch_label(t) == label and t.nodeid not in self.results
                 ]  # skipped at collection, or could not be collected
                 if tests:
                     batches[label].append(Batch(exercise, label, tests))
@@ -175,8 +175,10 @@ class Grading:
             if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
                 batch.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
         self._run_parallel(batches["correctness"], jobs)
+        self._run_parallel(batches["in-process"], jobs)  # they import the student's module: never with the above
         self._run_on_gpus(batches["speed (GPU)"])
         self._run_parallel(batches["speed (host)"], 1)  # host-clock timing wants the machine to itself
+        self.events += isolation.gate(self.results, self.collected)  # in-process points need the isolated ones
 
     def collect(self) -> None:
         paths = [str(self.root / "exercises" / e) for e in self.exercises]

@@ -11,7 +11,10 @@ refers to something else fails the test ("the grading helpers were modified"), a
 the next test is graded with the real helpers.
 
 A replacement that undoes itself before the phase ends (a patched `assert_close` that restores the original on its
-first call) is not seen: checking at every phase is as close as an in-process check gets.
+first call) is not seen: checking at every phase is as close as an in-process check gets. In an isolated exercise
+(grader/isolation.py) the student's code runs in a sandbox process and replaces only the sandbox's helpers, which
+grade nothing; the guard matters for the tests that still run it in the test process (speed tests, in-process
+instrumentation, and exercises not isolated yet).
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ Under `python -m grader` the test process also reports when it starts and finish
 (`listener`), so that an import that hangs or crashes the process is recognised as such; the modules named in
 `known_broken` (by an earlier process of the same run) are not imported again, and fail each test at once with the
 reason.
+
+Under `python -m grader`, the tests of an isolated exercise (grader/isolation.py) ask for `load(..., isolated=True)`:
+the module is imported in the test process's sandbox (grader/sandbox_process.py) and the test gets a proxy of it;
+the student's file is never executed in the test process. An import that fails, hangs or kills the sandbox is
+remembered the same way.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class Implementations:
     _modules: dict[tuple[str, str], ModuleType | ImplementationError] = field(default_factory=dict)
     known_broken: dict[str, str] = field(default_factory=dict)  # "01/kv_cache" -> why it cannot be imported
     listener: Callable[[str, str], None] | None = None  # called ("importing" | "imported", "01/kv_cache")
+    sandbox: object = None  # grader.sandbox_process.Sandbox, under `python -m grader`
 
     @classmethod
     def from_options(cls, rootdir: Path, impl: str | None, solutions: str | None) -> Implementations:
@@ -64,7 +70,9 @@ class Implementations:
     def path(self, exercise: str, module: str) -> Path:
         return self.root / exercise / f"{module}.py"
 
-    def load(self, exercise: str, module: str) -> ModuleType:
+    def load(self, exercise: str, module: str, isolated: bool = False) -> ModuleType:
+        if isolated:
+            return self._load_isolated(exercise, module)
         key = (exercise, module)
         if key not in self._modules:
             label = f"{exercise}/{module}"
@@ -81,6 +89,37 @@ class Implementations:
         if isinstance(loaded, ImplementationError):
             raise loaded
         return loaded
+
+    def _load_isolated(self, exercise: str, module: str):
+        from .remote import SandboxDied
+
+        key, label, path = ("sandbox", exercise, module), f"{exercise}/{module}", self.path(exercise, module)
+        if label in self.known_broken:
+            raise ImplementationError(f"could not import {path}:\n{self.known_broken[label]}")
+        if isinstance(self._modules.get(key), ImplementationError):
+            raise self._modules[key]
+        if not path.is_file():
+            hint = " (pass --solutions PATH to point at your solutions tree)" if self.kind == "solution" else ""
+            raise ImplementationError(f"{self.kind} module not found: {path}{hint}")
+        if self.listener is not None:
+            self.listener("importing", label)
+        try:
+            proxy = self.sandbox.load(path, f"inferlab_{self.kind}_{exercise}_{module}")
+        except TimeLimitExceeded as exc:
+            self._modules[key] = ImplementationError(
+                f"could not import {path}: importing it did not finish within {exc.seconds:g} s (a loop at import?)"
+            )
+            raise
+        except SandboxDied as exc:
+            self._modules[key] = ImplementationError(f"could not import {path}: importing it killed the process "
+                                                     f"that runs it ({exc})")  # fmt: skip
+            raise self._modules[key] from None
+        except Exception as exc:  # any error in the student's file, raised in the sandbox and sent back
+            self._modules[key] = ImplementationError(f"could not import {path}:\n{type(exc).__name__}: {exc}")
+            raise self._modules[key] from None
+        if self.listener is not None:
+            self.listener("imported", label)
+        return proxy
 
     def _import(self, exercise: str, module: str) -> ModuleType | ImplementationError:
         path = self.path(exercise, module)

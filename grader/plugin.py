@@ -25,12 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from . import device, failures, limits, timing
+from . import device, failures, isolation, limits, timing
 from .channel import CHANNEL_FD_ENV
 from .guard import Guard, modified_message
 from .impl import IMPL_CHOICES, ImplementationError, Implementations
 from .scoring import Scoreboard, TestResult
-from .seeding import SECRET_ENV, Seeding
+from .seeding import SECRET_ENV, Seeding, mix
 from .speed import HostSpeed, Speed
 
 IMPLS = pytest.StashKey[Implementations]()
@@ -45,6 +45,7 @@ TEST_START = pytest.StashKey[float]()  # CPU clock (limits.clock)
 TEST_WALL_START = pytest.StashKey[float]()
 TEST_LIMIT = pytest.StashKey[float]()
 OUT_OF_MEMORY = pytest.StashKey[bool]()
+SANDBOX = pytest.StashKey[object]()  # grader.sandbox_process.Sandbox, under `python -m grader`
 
 MARKERS = (
     "points(n): the test is worth n points (default 1)",
@@ -107,7 +108,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[POISONED] = []
     if os.environ.get(CHANNEL_FD_ENV):
         from .reporter import ChildReporter
+        from .sandbox_process import Sandbox
 
+        impls.sandbox = config.stash[SANDBOX] = Sandbox(config.rootpath)
         config.pluginmanager.register(ChildReporter(config, impls), "inferlab-reporter")
 
 
@@ -178,6 +181,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         if test is not None:
             scores.add(test)
     config.stash[GUARD].snapshot(config.pluginmanager)
+    sandbox = config.stash.get(SANDBOX, None)
+    if sandbox is not None and any(isolation.isolated(t.exercise, t.name, t.speed_kind) for t in scores.tests.values()
+                                   if not t.skip_reason and not config.option.collectonly):  # fmt: skip
+        sandbox.start()  # it imports torch while the first test sets up
 
 
 def graded_test(item: pytest.Item, default_limit: float) -> TestResult | None:
@@ -226,6 +233,9 @@ def pytest_runtest_setup(item: pytest.Item):
     item.stash[TEST_WALL_START] = time.monotonic()
     item.stash[TEST_LIMIT] = config.stash[SCORES].tests[item.nodeid].limit
     config.stash[SEEDING].begin(item.nodeid, mix_secret=item.get_closest_marker("public_seeds") is None)
+    sandbox = config.stash.get(SANDBOX, None)
+    if sandbox is not None:
+        sandbox.begin_test(mix(config.stash[SEEDING].secret or "", f"sandbox:{item.nodeid}"), item.stash[TEST_LIMIT])
     if config.stash[POISONED]:
         pytest.fail(failures.poisoned_message(config.stash[POISONED][0]), pytrace=False)
     with limits.alarm(_remaining(item), item.stash[TEST_LIMIT]):
@@ -255,6 +265,9 @@ def pytest_runtest_teardown(item: pytest.Item):
         return result
     finally:
         item.config.stash[SEEDING].end()
+        sandbox = item.config.stash.get(SANDBOX, None)
+        if sandbox is not None:
+            sandbox.end_test()
         sys.last_type = sys.last_value = sys.last_traceback = None  # a failed test's frames hold its tensors
         if hasattr(sys, "last_exc"):
             sys.last_exc = None
@@ -283,9 +296,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     graded = _graded(item)
     excinfo = call.excinfo
     if excinfo is not None and _is_stub_placeholder(excinfo):
-        entry = excinfo.traceback[-1]
-        where = f"{Path(entry.path).name}:{entry.lineno + 1} in {entry.name}()"
-        report.longrepr = f"not implemented yet: {where}\n{excinfo.value}"
+        report.longrepr = f"not implemented yet: {_stub_where(excinfo)}\n{excinfo.value}"
     elif excinfo is not None and excinfo.errisinstance(limits.TimeLimitExceeded):
         report.longrepr = limits.timeout_message(excinfo.value.seconds, _where(excinfo, config))
     elif excinfo is not None and graded:
@@ -330,6 +341,11 @@ def _explain_failure(item: pytest.Item, report: pytest.TestReport, excinfo: pyte
 def _where(excinfo: pytest.ExceptionInfo, config: pytest.Config) -> str | None:
     """The innermost frame in the code under test (else in the test file) where a timed-out test was stopped."""
     impl_root = config.stash[IMPLS].root
+    stack = getattr(excinfo.value, "sandbox_stack", None)
+    if stack:  # stopped while the sandbox ran the code: where the sandbox's own stack was
+        from .child import where_it_hung
+
+        return where_it_hung(stack, [impl_root, config.rootpath])
     frames = [entry for entry in excinfo.traceback if "grader" not in Path(entry.path).parts[-2:-1]]
     for preferred in (lambda p: impl_root in p.parents, lambda p: config.rootpath in p.parents):
         for entry in reversed(frames):
@@ -343,10 +359,22 @@ def _is_stub_placeholder(excinfo: pytest.ExceptionInfo) -> bool:
     """A stub's own `raise NotImplementedError(hint)`, not one raised by a library the student called."""
     if not excinfo.errisinstance(NotImplementedError):
         return False
+    frames = getattr(excinfo.value, "remote_frames", None)
+    if frames:  # raised in the sandbox: its innermost frame is the one that counts
+        return "raise NotImplementedError" in frames[-1][3]
     try:
         return "raise NotImplementedError" in str(excinfo.traceback[-1].statement)
     except Exception:
         return False
+
+
+def _stub_where(excinfo: pytest.ExceptionInfo) -> str:
+    frames = getattr(excinfo.value, "remote_frames", None)
+    if frames:
+        path, line, name, _ = frames[-1]
+        return f"{Path(path).name}:{line} in {name}()"
+    entry = excinfo.traceback[-1]
+    return f"{Path(entry.path).name}:{entry.lineno + 1} in {entry.name}()"
 
 
 def _skip_reason(report: pytest.TestReport) -> str:
@@ -400,10 +428,13 @@ def impl(request: pytest.FixtureRequest):
     """`impl("kv_cache")` is the module under test: the student's or the solution's, by --impl."""
     impls = request.config.stash[IMPLS]
     exercise = exercise_of(request.node) or request.path.parent.name
+    test = request.config.stash[SCORES].tests.get(request.node.nodeid)
+    isolated = (impls.sandbox is not None and test is not None
+                and isolation.isolated(test.exercise, test.name, test.speed_kind))  # fmt: skip
 
     def load(module: str):
         try:
-            return impls.load(exercise, module)
+            return impls.load(exercise, module, isolated=isolated)
         except ImplementationError as exc:
             return Unavailable(str(exc))
 

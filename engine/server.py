@@ -141,29 +141,40 @@ class ChatBody(GenerationBody):
 class TextStream:
     """One request's generated tokens as text, released in pieces that never change afterwards.
 
-    Text that could still turn into a stop string (the last len(longest stop) - 1 characters) and an unfinished
-    UTF-8 sequence (decoded as U+FFFD) are held back until the next tokens decide them. A stop string ends the text
-    before it (OpenAI's rule: the stop string is not returned).
+    Decoding is incremental: each step decodes only a window of the last tokens (the new ones, plus those of the
+    previous window, so that a tokenizer that joins pieces, such as a leading space, joins them as it would in the
+    whole text), and a character whose bytes have not all arrived (decoded as U+FFFD) waits for the next tokens.
+    Text that could still turn into a stop string (the last len(longest stop) - 1 characters) is held back until the
+    next tokens decide it. A stop string ends the text before it (OpenAI's rule: the stop string is not returned).
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stop: list[str]):
         self.decode, self.stop = decode, stop
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.token_ids: list[int] = []
+        self.text = ""  # every complete character decoded so far
         self.sent = 0  # characters released so far
         self.stopped = False  # a stop string was found
+        self._window = 0  # the decoding window starts at this token
+        self._decoded = 0  # tokens already in self.text
 
     def add(self, token_ids: list[int], finished: bool) -> str:
         """The new text to release after `token_ids`; all the rest of it once `finished` or a stop string is hit."""
         self.token_ids += token_ids
-        text = self.decode(self.token_ids)
-        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        before = self.decode(self.token_ids[self._window : self._decoded])
+        after = self.decode(self.token_ids[self._window :])
+        if finished or not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self._window, self._decoded = self._decoded, len(self.token_ids)
+        # A stop string cannot begin in released text: the last `hold` characters are never released unfinished.
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
         if hits:
-            text, self.stopped = text[: min(hits)], True
-        end = len(text)
-        if not (finished or self.stopped):
-            end = max(self.sent, len(text.rstrip("\ufffd")) - self.hold)
-        piece, self.sent = text[self.sent : end], max(self.sent, end)
+            end, self.stopped = min(hits), True
+        elif finished:
+            end = len(self.text)
+        else:
+            end = max(self.sent, len(self.text) - self.hold)
+        piece, self.sent = self.text[self.sent : end], end
         return piece
 
 

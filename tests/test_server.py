@@ -24,7 +24,8 @@ import torch
 
 from engine.metrics import read_metric
 from engine.parts import load_module
-from engine.server import build_app, model_info, serve
+from engine.server import TextStream, build_app, model_info, serve
+from engine.tokenizer import ByteTokenizer
 from fixtures.course_model import EOS, decode, encode, load_hf, path
 from fixtures.llama import Llama
 
@@ -167,6 +168,21 @@ def test_seeded_sampling_repeats_and_ignore_eos_runs_to_max_tokens(client):
     first, again = sample(1234), sample(1234)
     assert first.choices[0].text == again.choices[0].text
     assert (first.usage.completion_tokens, first.choices[0].finish_reason) == (16, "length")
+
+
+@pytest.mark.parametrize("stop", [[], ["stop"], ["→", "zzz"], ["wörld"]])
+def test_streamed_text_never_splits_a_character_nor_releases_a_possible_stop(stop):
+    text = "héllo wörld → done; stop here"
+    ids = list(text.encode())  # one token per byte: "é", "ö" and "→" arrive over two and three tokens
+    stream, pieces = TextStream(ByteTokenizer().decode, stop), []
+    for i, token in enumerate(ids):
+        pieces.append(stream.add([token], finished=i == len(ids) - 1))
+        if stream.stopped:
+            break
+    cut = min((text.index(s) for s in stop if s in text), default=len(text))
+    assert "".join(pieces) == text[:cut] and stream.stopped == (cut < len(text))
+    assert not any("\ufffd" in piece for piece in pieces), f"a character was released before its last byte: {pieces}"
+    assert not any(s[:2] in "".join(pieces) for s in stop if s in text), "the start of a stop string was released"
 
 
 # --- batching and the prefix cache ------------------------------------------------------------------------------------

@@ -211,12 +211,12 @@ def test_after(impl):
 
 
 def test_a_test_past_its_limit_fails_alone_and_says_so(course):
-    """The in-process limit (SIGALRM) stops a Python loop, names where it was, and the session goes on."""
+    """The in-process limit (SIGPROF, on CPU time) stops a Python loop, names where it was, and the session goes on."""
     (course.path / "exercises/07/test_hang.py").write_text(HANGING)
     result = course.runpytest("--impl=solution", "--test-timeout=1", "exercises/07/test_hang.py")
     result.assert_outcomes(passed=2, failed=1)
-    result.stdout.fnmatch_lines(["*timed out after 1 s: the test did not finish within its time limit. It was stopped "
-                                 "in test_hang.py:? in test_loops()*"])  # fmt: skip
+    result.stdout.fnmatch_lines(["*timed out after 1 s: the test did not finish within its time limit (CPU time). It "
+                                 "was stopped in test_hang.py:? in test_loops()*"])  # fmt: skip
 
 
 def test_a_replaced_comparison_fails_the_test_and_is_put_back(course):

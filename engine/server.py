@@ -94,9 +94,16 @@ class StreamOptions(StrictBody):
     include_usage: bool = False
 
 
+# OpenAI fields this server does not implement, with the value that asks for nothing: any other value is refused
+# rather than silently ignored. Fields not named here nor declared below (user, metadata, ...) are ignored.
+NOT_IMPLEMENTED = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "best_of": 1, "suffix": None,
+                   "tools": None, "response_format": None, "top_logprobs": None}  # fmt: skip
+
+
 class GenerationBody(StrictBody):
     """The fields completions and chat share. `ignore_eos` is vLLM's extension (a benchmark's fixed output length)."""
 
+    model_config = ConfigDict(strict=True, extra="allow")
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
@@ -363,6 +370,9 @@ class Server:
         if body.model != self.model.name:
             raise APIError(404, f"The model `{body.model}` does not exist: this server serves `{self.model.name}`.",
                            param="model", code="model_not_found")  # fmt: skip
+        for name, value in (body.model_extra or {}).items():
+            if name in NOT_IMPLEMENTED and value not in (None, NOT_IMPLEMENTED[name]):
+                raise bad_request(f"{name} is not implemented by this server (got {value!r})", name, "not_implemented")
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -259,6 +259,7 @@ BAD = {
     "top_p of zero": ({**GOOD, "top_p": 0.0}, 400, "top_p"),
     "n of two": ({**GOOD, "n": 2}, 400, "n"),
     "no prompt": ({"model": NAME}, 400, "prompt"),
+    "a penalty the server does not implement": ({**GOOD, "presence_penalty": 0.5}, 400, "presence_penalty"),
     "a body that is a list": ([GOOD], 400, None),
 }
 

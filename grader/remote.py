@@ -28,6 +28,7 @@ modules stay.
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import pickle
@@ -37,10 +38,12 @@ import stat
 import struct
 import sys
 import traceback
+import weakref
 from fractions import Fraction
 
 MAX_MESSAGE = 1 << 30  # bytes of one encoded message (tensors cross as file descriptors, not bytes)
-MAX_FDS = 250  # file descriptors in one message
+MAX_FDS = 250  # file descriptors in one message (the kernel's limit is 253); further tensors cross by value
+RECENT_STORAGES = 256  # received shared storages kept mapped beyond their last use
 HEADER = struct.Struct("!QH")  # payload length, number of file descriptors
 WATCH_PERIOD = 0.05  # seconds between checks of the time a request has taken
 
@@ -303,11 +306,14 @@ class Endpoint:
         self.pinned: set[int] = set()  # refs that survive `forget` (the modules)
         self.proxies: dict[int, Remote] = {}  # the other side's ref -> our proxy
         self.methods: dict[int, set[str]] = {}  # the other side's type key -> names known to be methods there
-        self.storages: dict[tuple[int, int], object] = {}  # (st_dev, st_ino) -> storage: one per shared file
+        self.storages = weakref.WeakValueDictionary()  # (st_dev, st_ino) -> storage: one per shared file
+        self._recent = collections.deque(maxlen=RECENT_STORAGES)  # the last storages received, kept mapped
+        self._proxy_classes: dict[int, type] = {}  # the other side's type key -> a Remote subclass of its name
         self.shadows: dict[int, type] = {}  # the other side's exception class -> a local class of the same name
         self._next_ref = 1
         self.depth = 0
         self.closed = False
+        self._generators: list = []  # (ref, generator) decoded for the request being served: their states go back
         self.on_failure = None  # called with a broken connection or a time limit (once); may return what to raise
         self.watch = None  # called every WATCH_PERIOD while waiting for the other side; may raise (a time limit)
         self.handlers = {"getattr": self._getattr, "setattr": lambda t, n, v: setattr(t, n, v),
@@ -334,7 +340,8 @@ class Endpoint:
                 if kind == "q":
                     self._serve(body, received)
                     continue
-                value = self.decode(body, received)
+                value = self.decode(body[0], received)
+                self._sync_generators(body[1])
                 if kind == "a":
                     return value
                 raise value
@@ -371,20 +378,33 @@ class Endpoint:
         return message[0], message[1], fds
 
     def _serve(self, body, fds) -> None:
+        saved, self._generators = self._generators, []
         try:
             op, args = body[0], body[1]
             handler = self.handlers[op]
             value = handler(*self.decode(("t", args), fds))
             out: list[int] = []
-            reply = ("a", self.encode(value, out))
+            reply = ["a", self.encode(value, out)]
         except (KeyboardInterrupt, SandboxDied):
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure of the served code crosses back as a value
             if not isinstance(exc, Exception) and not self.trusting and _is_ours(exc):
                 raise  # the test process's own time limit: unwind, do not tell the sandbox
             out = []
-            reply = ("e", self._encode_exception(exc))
-        self.connection.send(reply, out)
+            reply = ["e", self._encode_exception(exc)]
+        finally:
+            generators, self._generators = self._generators, saved
+        states = [(ref, bytes(g.get_state().numpy())) for ref, g in generators]  # as the call left them
+        self.connection.send((reply[0], (reply[1], states)), out)
+
+    def _sync_generators(self, states) -> None:
+        """A reply carries the final states of the torch generators its request handed over: set ours to them."""
+        for ref, state in states:
+            generator = self.exported.get(int(ref)) if not self.trusting else None
+            torch = sys.modules.get("torch")
+            if torch is None or not isinstance(generator, torch.Generator):
+                raise RemoteError("a generator state for an object that is not a generator this process handed out")
+            generator.set_state(torch.frombuffer(bytearray(bytes(state)), dtype=torch.uint8))
 
     # --- what a request does on the side that owns the object ----------------------------------------------------
 
@@ -406,6 +426,7 @@ class Endpoint:
         self._export_ids = {id(obj): ref for ref, obj in self.exported.items()}
         self.proxies.clear()
         self.storages.clear()
+        self._recent.clear()
 
     # --- encoding ------------------------------------------------------------------------------------------------
 
@@ -453,6 +474,8 @@ class Endpoint:
                 return ("dv", str(obj))
             if kind is torch.Size:
                 return ("sz", [int(x) for x in obj])
+            if isinstance(obj, torch.Generator) and not self.trusting:  # by value, its final state sent back
+                return ("g", self.export(obj), str(obj.device), bytes(obj.get_state().numpy()))
             if isinstance(obj, torch.Tensor) and kind in (torch.Tensor, torch.nn.Parameter):
                 return self._encode_tensor(obj, fds)
         if isinstance(obj, type) and issubclass(obj, BaseException):
@@ -479,11 +502,12 @@ class Endpoint:
             _, args = reduce_tensor(tensor.detach())
             return ("T", meta, "cuda", [args[6], args[7], args[8], args[9], args[11], args[12], args[13], args[14]])
         storage = tensor.untyped_storage()
-        if device == "cpu" and storage.nbytes() > 0:
+        if device == "cpu" and storage.nbytes() > 0 and len(fds) < MAX_FDS:
             try:
                 fd, size = storage._share_fd_cpu_()
                 info = os.fstat(fd)
-                self.storages.setdefault((info.st_dev, info.st_ino), storage)
+                if self.storages.get((info.st_dev, info.st_ino)) is None:
+                    self.storages[(info.st_dev, info.st_ino)] = storage
                 fds.append(fd)
                 return ("T", meta, "fd", [len(fds) - 1, int(size)])
             except (RuntimeError, OSError):
@@ -545,13 +569,21 @@ class Endpoint:
             return sys.modules["torch"].Size([int(x) for x in value[1]])
         if tag == "np":
             return self._decode_numpy(value)
+        if tag == "g" and self.trusting:
+            import torch
+
+            generator = torch.Generator(device=str(value[2]))
+            generator.set_state(torch.frombuffer(bytearray(value[3]), dtype=torch.uint8))
+            self._generators.append((int(value[1]), generator))
+            return generator
         if tag == "T":
             return self._decode_tensor(value, fds)
         if tag == "r":
             ref = int(value[1])
             proxy = self.proxies.get(ref)
             if proxy is None:
-                proxy = self.proxies[ref] = Remote(self, ref, int(value[2]), str(value[3]))
+                proxy = self.proxies[ref] = self._proxy_class(int(value[2]), str(value[3]))(self, ref, int(value[2]),
+                                                                                            str(value[3]))
             return proxy
         if tag == "y":
             ref = int(value[1])
@@ -624,6 +656,7 @@ class Endpoint:
         if storage is None or storage.nbytes() != size:
             storage = torch.UntypedStorage._new_shared_fd_cpu(fd, size)
             self.storages[key] = storage
+        self._recent.append(storage)  # a view dropped and fetched again maps at the same address
         return storage
 
     @staticmethod
@@ -654,6 +687,15 @@ class Endpoint:
         exc.remote_where = where
         return exc
 
+
+    def _proxy_class(self, key: int, qualname: str) -> type:
+        """A Remote subclass named as the remote object's class, so that `type(obj).__name__` reads the same."""
+        cls = self._proxy_classes.get(key)
+        if cls is None:
+            name = qualname.rsplit(".", 1)[-1]
+            name = name if name.isidentifier() else "Remote"
+            cls = self._proxy_classes[key] = type(name, (Remote,), {"__slots__": (), "__qualname__": qualname})
+        return cls
 
     def _exception_class(self, chain):
         """The local class for the other side's exception class `chain` (its MRO: [(key, module, qualname)]): the

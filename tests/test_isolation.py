@@ -75,6 +75,10 @@ def environment():
     return names, sorted(int(f) for f in os.listdir("/proc/self/fd"))
 
 
+def draw(generator):
+    return __import__("torch").rand(3, generator=generator)
+
+
 def not_yet():
     raise NotImplementedError("write this")
 '''
@@ -123,6 +127,13 @@ def test_tensors_are_shared_and_views_stay_views(student):
     assert before != 0 and len(cache) == 4
     meta = torch.empty(2, 3, device="meta")
     assert module.echo(meta)[0][0].device.type == "meta"
+
+
+def test_generators_cross_by_value_and_come_back_advanced(student):
+    _, module = student
+    generator, twin = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(module.draw(generator), torch.rand(3, generator=twin))
+    assert torch.equal(module.draw(generator), torch.rand(3, generator=twin)), "the state the sandbox left came back"
 
 
 def test_exceptions_keep_their_type_message_and_the_sandbox_traceback(student):

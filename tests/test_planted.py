@@ -136,7 +136,8 @@ def test_re_runs_and_hangs_are_reported_in_the_summary(graded):
 
 def test_exercise_01_forgeries_from_the_issue_score_what_the_code_earns(tmp_path, monkeypatch):
     """The reference with halved logits, a no-op assert_close and an atexit forger (tests/planted/ex01): the grade
-    is what the code earns, with the replaced helper named, on a few of exercise 01's real tests."""
+    is what the code earns, on a few of exercise 01's real tests. Exercise 01 runs in the sandbox
+    (grader/isolation.py): the replaced assert_close and the atexit hook act there, where nothing grades."""
     root = tmp_path / "course"
     (root / "exercises").mkdir(parents=True)
     shutil.copytree(cli.GRADER_HOME / "exercises" / "01", root / "exercises" / "01")
@@ -148,10 +149,8 @@ def test_exercise_01_forgeries_from_the_issue_score_what_the_code_earns(tmp_path
                      "--", "-k", "bytes or prefill_logits"]) == 0  # fmt: skip
     data = json.loads(results.read_text())
     tests = {t["name"].split(" ", 1)[1]: t for t in data["tests"]}
-    first, prefill = data["tests"][0], tests["test_prefill_logits_match_transformers"]
-    assert "the grading helpers were modified" in first["output"] and "assert_close" in first["output"], first
+    prefill = tests["test_prefill_logits_match_transformers"]
     assert prefill["score"] == 0 and "Tensor-likes are not close" in prefill["output"], prefill
-    others = [t for t in data["tests"] if t is not first and t is not prefill]
-    assert len(others) >= 5 and all(t["score"] == t["max_score"] > 0 for t in others), others
+    others = [t for t in data["tests"] if t is not prefill]
+    assert len(others) >= 6 and all(t["score"] == t["max_score"] > 0 for t in others), others
     assert data["score"] == sum(t["max_score"] for t in others) < sum(t["max_score"] for t in data["tests"])
-    assert "after the test process had finished" in data["output"], "the atexit hook's record must be rejected"

@@ -93,8 +93,9 @@ async def send_request(
     ones arrived by the last text chunk: repeat its time. usage.prompt_tokens replaces the trace's prompt_len.
 
     Never raises for what the server does: an HTTP status other than 200 (keep the body's error.message), an error
-    event (`data: {"error": {...}}`), a connection or timeout error, or a stream that ends before [DONE] each make a
-    failed record with the reason.
+    event (`data: {"error": {...}}`), a connection or timeout error, or a stream that ends before [DONE] without a
+    finish_reason (the server closed it early) each make a failed record with the reason. A stream that ends after a
+    chunk with a finish_reason but no [DONE] is complete: `transformers serve` ends its streams that way.
     """
     raise NotImplementedError("send_request: client.stream('POST', ...), then `async for line in r.aiter_lines()`")
 

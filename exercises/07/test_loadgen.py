@@ -155,6 +155,7 @@ ONE_TOKEN = [token(0.10, "x"), finish(0.0, "length", 1), done()]
 SLOW_HEADERS = [token(0.05, "h"), token(0.10, "i"), done()]  # the headers come 0.2 s before the first token
 EMPTY_FIRST = [raw(0.0, sse_chunk("")), token(0.12, "e"), token(0.06, "f"), finish(0.0, "stop", 2), done()]
 CLOSED_EARLY = [token(0.10, "p"), token(0.10, "q")]  # no [DONE]: the server closes the connection
+NO_DONE = [token(0.10, "s"), token(0.05, "t"), finish(0.0, "length", 2)]  # complete, as transformers serve ends it
 ERROR_EVENT = [token(0.10, "r"), error_event(0.05, "the engine died")]
 
 
@@ -167,18 +168,19 @@ def mixed_trace(loadgen):
         req(loadgen, script("refused", status=400, headers_after=0.05, message="max_tokens is too large"), 4),
         req(loadgen, script("closed-early", *CLOSED_EARLY), 4),
         req(loadgen, script("error-event", *ERROR_EVENT), 4),
+        req(loadgen, script("no-done", *NO_DONE), 2),
     ]
 
 
 PLANS = {"steady": STEADY, "one-token": ONE_TOKEN, "slow-headers": SLOW_HEADERS, "empty-first": EMPTY_FIRST,
-         "closed-early": CLOSED_EARLY, "error-event": ERROR_EVENT}  # fmt: skip
-NAMES = ["steady", "one-token", "slow-headers", "empty-first", "refused", "closed-early", "error-event"]
+         "closed-early": CLOSED_EARLY, "error-event": ERROR_EVENT, "no-done": NO_DONE}  # fmt: skip
+NAMES = ["steady", "one-token", "slow-headers", "empty-first", "refused", "closed-early", "error-event", "no-done"]
 
 
 def test_every_token_is_timestamped_when_it_arrives(loadgen, server):
     result = loadgen.run(server.url, "scripted", mixed_trace(loadgen))
     entries = server.entries()
-    assert [r.index for r in result.records] == list(range(7)), "one record per trace request, in trace order"
+    assert [r.index for r in result.records] == list(range(8)), "one record per trace request, in trace order"
     for name, record in zip(NAMES, result.records, strict=True):
         entry = entries[name]
         check_sent(record, entry, f"request {name!r}")
@@ -219,6 +221,10 @@ def test_failed_requests_are_marked_with_the_reason(loadgen, server):
         f"(got failed=False with {len(closed.token_times)} tokens)"
     )
     assert "[DONE]" in closed.error, f"say why it failed, e.g. 'the stream ended before data: [DONE]': {closed.error!r}"
+    assert not by_name["no-done"].failed, (
+        "a stream that ends after a chunk with a finish_reason but without data: [DONE] is complete (transformers "
+        f"serve ends its streams so), but it was marked failed: {by_name['no-done'].error!r}"
+    )
     assert errored.failed and "the engine died" in errored.error, (
         "an error event in the stream (data: {\"error\": ...}) must fail the request with its message, got "
         f"failed={errored.failed}, error={errored.error!r}"

@@ -100,8 +100,8 @@ async def send_request(
     except (httpx.HTTPError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         return _failed(record, f"{type(exc).__name__}: {exc}")
     record.text = "".join(texts)
-    if not finished:
-        return _failed(record, "the stream ended before data: [DONE]")
+    if not finished and record.finish_reason is None:  # some servers (transformers serve) end with no [DONE]
+        return _failed(record, "the stream ended before data: [DONE], and no chunk carried a finish_reason")
     if usage_tokens and record.token_times and usage_tokens > len(record.token_times):
         # Several tokens shared a chunk (a detokenizer held back an incomplete character, say): the server's count
         # is the truth, and those tokens had all arrived by the last chunk.

@@ -240,12 +240,16 @@ class EngineThread:
     # everything below runs on the engine thread
 
     def _run(self) -> None:
-        while True:
-            busy = bool(self.tracked) or self._has_work()
-            if not self._drain(block=not busy):
-                return
-            if self.tracked or self._has_work():
-                self._step()
+        try:
+            while True:
+                busy = bool(self.tracked) or self._has_work()
+                if not self._drain(block=not busy):
+                    return
+                if self.tracked or self._has_work():
+                    self._step()
+        except BaseException as exc:  # the thread must not die silently: requests would wait forever
+            self._fail_all("the server's engine thread", exc)
+            raise
 
     def _has_work(self) -> bool:
         if self.dead is not None:
@@ -253,7 +257,7 @@ class EngineThread:
         try:
             return bool(self.engine.has_unfinished_requests())
         except Exception as exc:  # noqa: BLE001  (a student's engine may fail anywhere: say so, keep the server up)
-            self._fail_all("has_unfinished_requests", exc)
+            self._fail_all("the engine's has_unfinished_requests()", exc)
             return False
 
     def _drain(self, block: bool) -> bool:
@@ -301,14 +305,22 @@ class EngineThread:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+            if not isinstance(outputs, list) or not all(isinstance(o, RequestOutput) for o in outputs):
+                raise TypeError(f"step() must return a list of RequestOutput, got {str(outputs)[:200]}")
             stats = self.engine.stats()
+            now = time.perf_counter()
+            self.metrics.after_step(stats)
+            for output in outputs:
+                self._deliver(output, now)
+            lost = self.tracked and not self.engine.has_unfinished_requests()
         except Exception as exc:  # noqa: BLE001
-            self._fail_all("step", exc)
+            self._fail_all("the engine's step()", exc)
             return
-        now = time.perf_counter()
-        self.metrics.after_step(stats)
-        for output in outputs:
-            self._deliver(output, now)
+        if lost:  # the engine says it is done, yet these requests never got their last output
+            for request_id, tracked in self.tracked.items():
+                tracked.sink(APIError(500, f"the engine lost request {request_id}: has_unfinished_requests() is "
+                                           "False, but no step returned it finished", code="engine_error"))  # fmt: skip
+            self.tracked.clear()
 
     def _deliver(self, output: RequestOutput, now: float) -> None:
         tracked = self.tracked.get(output.request_id)
@@ -329,8 +341,8 @@ class EngineThread:
     def _fail_all(self, call: str, exc: Exception) -> None:
         """The engine raised: every request in flight gets a 500, and the engine serves no more (its state is
         unknown); from now on requests get a 503 and /health says why."""
-        log.error("engine %s failed", call, exc_info=exc)
-        error = APIError(500, f"the engine's {call}() failed: {type(exc).__name__}: {exc}", code="engine_error")
+        log.error("%s failed", call, exc_info=exc)
+        error = APIError(500, f"{call} failed: {type(exc).__name__}: {exc}", code="engine_error")
         for tracked in self.tracked.values():
             tracked.sink(error)
         self.tracked.clear()

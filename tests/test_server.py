@@ -338,6 +338,17 @@ def test_an_engine_whose_step_fails_answers_500_then_503_and_is_reported_unhealt
             assert reply.status_code == 503 and "planted failure" in reply.json()["error"]["message"], reply.text
 
 
+def test_a_request_the_engine_never_finishes_gets_a_500_instead_of_waiting_forever():
+    class Forgetful(engine_class()):
+        def step(self):
+            return [out for out in super().step() if not out.finished]  # the last output of each request goes missing
+
+    with serve(Forgetful(MODEL_DIR, impl="solution", num_blocks=64), MODEL_DIR, NAME) as base:
+        reply = httpx.post(f"{base}/v1/completions", json=GOOD, timeout=60)
+        assert reply.status_code == 500 and "lost request" in reply.json()["error"]["message"], reply.text
+        assert httpx.get(f"{base}/health", timeout=30).status_code == 200, "a lost request does not stop the engine"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -8,10 +8,10 @@ Exercise 08's `export_awq` writes exactly these tensors; `write_awq_checkpoint` 
 exercise 08's round-to-nearest and saves it, with its fake-quantized twin (the same weights, dequantized, as a plain
 fp16 checkpoint) whose greedy tokens the quantized engine must reproduce.
 
-On CUDA a linear of up to 16 rows (a decode batch) runs exercise 03's `awq_gemv`, which reads the int4 words
-directly; more rows (a prefill) dequantize with exercise 03's kernel and multiply. On the CPU the weights are
-dequantized once at load time in torch (the Triton interpreter is far too slow for a forward): the CPU checks the
-format, the GPU the kernels.
+On CUDA a linear of up to 64 rows (a decode batch) runs exercise 03's `awq_gemv` (16 rows at a time), which reads
+the int4 words directly; more rows (a prefill) dequantize with exercise 03's kernel and multiply. On the CPU the
+weights are dequantized once at load time in torch (the Triton interpreter is far too slow for a forward): the CPU
+checks the format, the GPU the kernels.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # column j of a group of eight sits in nib
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")  # fmt: skip
 GEMV_ROWS = 16  # exercise 03's awq_gemv takes 1 to 16 rows
+GEMV_CHUNKS = 4  # up to 64 rows run as GEMVs of 16: 4 reads of the int4 words cost what one fp16 read does, less
+# than dequantizing (read int4, write and read back fp16)
 
 
 def unpack(words: torch.Tensor) -> torch.Tensor:
@@ -59,6 +61,9 @@ class AWQLinear:
         awq = self.parts.awq
         if x.shape[0] <= GEMV_ROWS:
             return awq.awq_gemv(x.contiguous(), self.qweight, self.scales, self.qzeros)
+        if x.shape[0] <= GEMV_ROWS * GEMV_CHUNKS:
+            return torch.cat([awq.awq_gemv(rows.contiguous(), self.qweight, self.scales, self.qzeros)
+                              for rows in x.split(GEMV_ROWS)])  # fmt: skip
         return x @ awq.awq_dequantize(self.qweight, self.scales, self.qzeros)
 
 

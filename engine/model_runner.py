@@ -349,15 +349,15 @@ class ModelRunner:
     def _prefill_attention(self, q, k_pool, v_pool, table, context: int):
         """Causal attention of a chunk's n queries (the last n of `context` positions): q [n, H, D] -> [n, H, D]."""
         n = q.shape[0]
-        keys = k_pool[table].flatten(0, 1)[:context].transpose(0, 1)  # [KVH, context, D]
-        values = v_pool[table].flatten(0, 1)[:context].transpose(0, 1)
-        queries = q.transpose(0, 1)  # [H, n, D]
+        keys = k_pool[table].flatten(0, 1)[:context].transpose(0, 1)[None]  # [1, KVH, context, D]
+        values = v_pool[table].flatten(0, 1)[:context].transpose(0, 1)[None]
+        queries = q.transpose(0, 1)[None]  # [1, H, n, D]: 4-d, so that CUDA's fused kernels take it
         if n == context:
             out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, enable_gqa=True)
         else:  # the causal diagonal sits at the bottom right: query i is position context - n + i
             mask = torch.ones(n, context, dtype=torch.bool, device=q.device).tril(diagonal=context - n)
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=True)
-        return out.transpose(0, 1)
+        return out[0].transpose(0, 1)
 
 
 @contextlib.contextmanager

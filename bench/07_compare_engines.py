@@ -507,8 +507,8 @@ def main(argv=None) -> dict:
             if len(checked) < 2:
                 summary += "\n\ngreedy answers: fewer than two engines ran beside inferlab's, nothing to compare"
             else:
-                summary += "\n\ngreedy answers " + ("agree with inferlab's in every engine that ran" if not disagree
-                                                    else f"DIFFER from inferlab's for: {', '.join(disagree)}")  # fmt: skip
+                verdict = f"DIFFER from inferlab's for: {', '.join(disagree)}" if disagree else "agree with inferlab's"
+                summary += f"\n\ngreedy answers {verdict}"
             (out / "compare.md").write_text(summary + "\n")
             print(summary, flush=True)
         if args.walkthrough:

@@ -6,6 +6,7 @@ each streamed token:
     TTFT   time to first token:  first token - send time (queueing and the whole prefill are in it)
     ITL    inter-token latency:  every gap between consecutive tokens of a request, all requests pooled
     TPOT   time per output token: (E2EL - TTFT) / (output tokens - 1), for requests with more than one token
+           (the mean gap after the first token, not the median gap)
     E2EL   end-to-end latency:   last token - send time
 
 Each is reported as mean, median and p99. Throughputs divide by the wall time of the whole run: requests/s, output
@@ -15,7 +16,7 @@ Cost per million output tokens turns throughput into money at a GPU's hourly pri
 
 A timeline is any object with the fields of fixtures/serving_sim.py's RequestTimeline: `arrival` (send time, s),
 `prompt_len`, `token_times` (when each output token streamed back, s, in order) and `failed` (the engine refused
-the request: it has no tokens).
+the request: it has no tokens). A timeline with no token counts as failed even if `failed` is False.
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ class ServingMetrics:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0 <= q <= 100) with linear interpolation between the closest ranks (numpy's default).
+    """The q-th percentile with linear interpolation between the closest ranks (numpy's default).
 
-    Sort a copy; the rank is (len - 1) * q / 100; interpolate between the values at floor(rank) and the next one.
-    0.0 for no values. ValueError for q outside [0, 100]. Must not reorder `values`.
+    q is a percentage, 0 <= q <= 100 (50 is the median, 99 the p99), not a fraction: percentile(v, 0.5) is the
+    0.5th percentile, near the minimum. Sort a copy; the rank is (len - 1) * q / 100; interpolate between the values
+    at floor(rank) and the next one. 0.0 for no values (whatever q). ValueError for q outside [0, 100]. Must not
+    reorder `values`.
     """
     raise NotImplementedError("percentile: rank = (n - 1) * q / 100 in the sorted copy, interpolate linearly")
 
@@ -73,10 +76,12 @@ def serving_metrics(
     gpu_hour_price: float = 0.0,
     kv_usage=(),
 ) -> ServingMetrics:
-    """Every metric of a run. `duration` (seconds, > 0, else ValueError) is the run's wall time.
+    """Every metric of a run. `duration` (seconds, > 0, else ValueError: 0 and negatives are refused) is the run's
+    wall time.
 
-    Failed requests (and any without a token) count only in `failed`. A one-token answer has a TTFT and an E2EL
-    but no TPOT and no ITL (it meets any TPOT SLO). SLOs are inclusive (ttft <= ttft_slo); None means no such SLO.
+    Failed requests (and any without a token, whatever its `failed` says) count only in `failed`. A one-token answer
+    has a TTFT and an E2EL but no TPOT and no ITL (it meets any TPOT SLO). SLOs are inclusive (ttft <= ttft_slo);
+    None means no such SLO, and 0 is an SLO like any other (met only by a latency of 0).
     Cost: gpu_hour_price dollars per hour of `duration`, per million output tokens. `kv_usage`: the fraction of KV
     blocks in use after each step (the simulator's SimResult.kv_usage); report its peak.
     """

@@ -12,8 +12,9 @@ everyone else for a whole long step; without it, a prompt that does not fit in w
 and (first come, first served) so does everyone behind it.
 
 KV memory is a pool of `num_blocks` blocks of `block_size` tokens. When a running request needs a block and none is
-free, the scheduler *preempts* the most recently admitted running request: frees its blocks, forgets its progress
-(it will recompute its tokens later) and puts it back at the front of the waiting queue.
+free, the scheduler *preempts* the most recently admitted running request: frees its blocks, so its KV is gone
+(num_computed goes back to 0: it will recompute its prompt and the output tokens it already produced, which it keeps)
+and puts it back at the front of the waiting queue.
 
 You build `Scheduler` (and `blocks_for`); a priority policy is the stretch goal. The simulator in
 fixtures/serving_sim.py drives it on a simulated clock and checks every step; `pytest exercises/05` runs the
@@ -44,9 +45,9 @@ class Request:
     output_len: int  # >= 1: output tokens the request will produce before it finishes
     arrival: float = 0.0
     priority: int = 0  # policy="priority" only: lower is served first
-    num_computed: int = 0  # tokens whose KV is in the cache (0 while waiting, and after a preemption)
-    num_output: int = 0  # output tokens produced so far (kept across preemptions)
-    num_preemptions: int = 0
+    num_computed: int = 0  # tokens whose KV is in the cache (0 while waiting; a preemption sets it back to 0)
+    num_output: int = 0  # output tokens produced so far (kept across preemptions: they are recomputed, not lost)
+    num_preemptions: int = 0  # times this request was preempted (+1 at each preemption)
 
     @property
     def num_tokens(self) -> int:
@@ -71,7 +72,8 @@ class SchedulerOutput:
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
-    """KV blocks that hold `num_tokens` tokens: ceil(num_tokens / block_size) (0 for 0 tokens)."""
+    """KV blocks that hold `num_tokens` tokens: ceil(num_tokens / block_size), rounded up (a partly filled block is
+    still a block; 0 for 0 tokens)."""
     raise NotImplementedError("blocks_for: round up, in integers: -(-num_tokens // block_size)")
 
 
@@ -97,8 +99,8 @@ class Scheduler:
         chunked_prefill: bool = True,
         policy: str = "fcfs",
     ):
-        """ValueError (naming the argument) unless the four sizes are positive ints; ValueError for a policy not
-        in POLICIES. Starts with every block free and both queues empty."""
+        """ValueError (naming the argument) unless the four sizes are positive ints (0, negatives, floats and bools
+        are refused); ValueError for a policy not in POLICIES. Starts with every block free and both queues empty."""
         # TODO: validate, store the configuration, make the waiting queue and the running list, and whatever you
         #  need to count blocks per request and free blocks.
         raise NotImplementedError("Scheduler.__init__: store the configuration; empty queues; all blocks free")
@@ -109,10 +111,11 @@ class Scheduler:
         raise NotImplementedError("Scheduler.num_free_blocks: num_blocks minus the blocks running requests hold")
 
     def blocks_held(self, request_id: int) -> int:
-        """Blocks the request holds now (0 if it is not running)."""
+        """Blocks the request holds now: 0 if it is not running (waiting, preempted or finished)."""
         raise NotImplementedError("Scheduler.blocks_held: look the request's block count up (0 if not running)")
 
     def has_unfinished_requests(self) -> bool:
+        """True while any request is waiting or running: an engine calls schedule() and update() until it is False."""
         raise NotImplementedError("Scheduler.has_unfinished_requests: anything waiting or running?")
 
     def add_request(self, request: Request) -> None:
@@ -123,6 +126,7 @@ class Scheduler:
           - without chunked prefill, one whose prompt_len + output_len - 1 tokens exceed max_num_batched_tokens
             (after a preemption it must recompute all its known tokens in one step);
           - a request_id already added, or prompt_len or output_len < 1.
+        A refused request changes nothing (the queue, the blocks and the ids already added stay as they were).
         """
         raise NotImplementedError("Scheduler.add_request: refuse what could never fit, else append to waiting")
 
@@ -132,22 +136,31 @@ class Scheduler:
         1. Running requests first, in admission order: each gets min(tokens it has left, budget left), where tokens
            left = num_tokens - num_computed (1 for a decode). Reserve the blocks those tokens need. If there are not
            enough free blocks, preempt the most recently admitted running request (free its blocks, num_computed = 0,
-           num_preemptions += 1, put it at the front of `waiting`) and try again; if the request that needs the
-           blocks is itself the most recently admitted, it is the one preempted, and the running pass ends.
+           num_preemptions += 1, num_output kept, put it at the front of `waiting`) and try again, as many times as
+           it takes: never reserve more blocks than are free. If the request that needs the blocks is itself the
+           victim, its turn is over and the pass goes on with the next running request (under FCFS there is none:
+           the victim is the newest). So every running request that is not preempted gets min(left, budget left),
+           and a preempted request takes nothing.
         2. Only if nobody was preempted in this step: admit from the front of `waiting` while budget is left and
            fewer than max_num_seqs requests run. The head gets all its known tokens, or, if they do not fit in
            what is left of the budget, a chunk of exactly that much with chunked prefill, or else it waits and
            admission stops (strict FCFS: nobody overtakes it). Admission also stops when the head's blocks do not
-           fit. An admitted request moves to the back of `running`.
-        Preempted requests go back to the front of `waiting` so that the queue stays in admission order (the
-        oldest preempted first). Return the schedule as a SchedulerOutput (running requests first, then admitted
-        ones; only requests given at least one token appear in it). Do not change num_computed here except to reset
-        it on preemption: `update` advances it.
+           fit: it waits whole, it does not take a smaller chunk that would fit. An admitted request moves to the
+           back of `running`.
+        Preempted requests go back to the front of `waiting` so that the queue stays in admission order: several
+        victims of one step are queued oldest admitted first, not in the order they were preempted. Return the
+        schedule as a SchedulerOutput (running requests first, then admitted ones; only requests given at least
+        one token appear in it). Do not change num_computed here except to reset it on preemption: `update`
+        advances it.
 
         Stretch, policy="priority": `waiting` is ordered by (priority, arrival order) instead, and a preempted
-        request goes back to its place in that order. The victim is the running request with the largest
-        (priority, arrival order): the least urgent, latest arrived, even if it already got tokens in this step's
-        pass (take them back: its tokens return to the budget and it leaves the schedule).
+        request goes back to its place in that order. Arrival order is the order of the add_request calls (not the
+        `arrival` field: requests with the same priority that arrived at the same time are ranked by it; keep a
+        counter, and never compare Request objects, which a heap of (priority, arrival, request) tuples does on a
+        tie). The victim is the running request with the largest (priority, arrival order): the least urgent,
+        latest added, even if it already got tokens in this step's pass (take them back: its tokens return to the
+        budget and it leaves the schedule). Keep preempting until the blocks fit, as under FCFS; a request that is
+        itself the victim leaves the pass, and the more urgent requests after it still get their tokens.
         """
         # TODO: the two passes above. Keep it O(running + admitted) per step: the speed test runs 256 decodes.
         raise NotImplementedError("Scheduler.schedule: running requests first (preempting if needed), then admit")

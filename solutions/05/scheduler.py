@@ -162,23 +162,22 @@ class Scheduler:
                 n = budget
             rid = request.request_id
             need = -(-(request.num_computed + n) // block_size) - blocks[rid]
-            while need > self._free:
-                victim = self._victim()
-                self._preempt(victim)
-                out.preempted.append(victim.request_id)
-                if victim is request:
-                    break
-                if victim.request_id in scheduled:  # priority: it ran earlier in this pass; give its tokens back
-                    budget += scheduled.pop(victim.request_id)
-                    i -= 1
-            else:
+            if need <= self._free:
                 self._free -= need
                 blocks[rid] += need
                 scheduled[rid] = n
                 budget -= n
                 i += 1
                 continue
-            break  # the request preempted itself: the running pass ends
+            victim = self._victim()
+            self._preempt(victim)
+            out.preempted.append(victim.request_id)
+            if victim is request:
+                continue  # its turn is over; running[i] is now the next request (fcfs: there is none)
+            if victim.request_id in scheduled:  # priority: it ran earlier in this pass; give its tokens back
+                budget += scheduled.pop(victim.request_id)
+                i -= 1
+            # try this request again, with the blocks (and budget) the victim gave back
 
         if out.preempted:
             return out

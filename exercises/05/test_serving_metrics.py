@@ -37,6 +37,67 @@ def check(got, expected, what, mistakes=()):
     pytest.fail(f"{what}: expected {expected:.6g}, got {got:.6g}" + (f": {named[0]}" if named else ""), pytrace=False)
 
 
+def call(what: str, function, *args):
+    """function(*args), or a test failure that says what was expected and which exception came back instead."""
+    try:
+        return function(*args)
+    except Exception as error:  # noqa: BLE001  (the student's exception is what came back)
+        pytest.fail(f"{what}: {function.__name__}{args} raised {type(error).__name__}: {error}", pytrace=False)
+
+
+# --- percentile and summarize: the statistics every metric is reported with ------------------------------------------
+
+
+def test_percentile_takes_a_percentage_from_0_to_100(metrics):
+    values = [4.0, 1.0, 3.0, 2.0]
+    try:
+        median = metrics.percentile(values, 50)
+    except Exception as error:  # noqa: BLE001
+        pytest.fail(f"percentile({values}, 50) raised {type(error).__name__}: {error}: q is a percentage in [0, 100] "
+                    "(50 is the median), not a fraction in [0, 1]", pytrace=False)  # fmt: skip
+    check(median, 2.5, f"percentile({values}, 50), the median", [(2.0, "nearest rank instead of interpolation")])
+    what = f"percentile({values}, 0.5): the 0.5th percentile"
+    check(call(what, metrics.percentile, values, 0.5), 1.015, what, [
+        (2.5, "q is a percentage in [0, 100] (50 is the median), not a fraction in [0, 1]"),
+        (1.0, "nearest rank instead of interpolation"),
+    ])  # fmt: skip
+    for q in (-1, 100.5, 150):
+        what = f"percentile(values, {q}): q outside [0, 100]"
+        expect_error(ValueError, lambda q=q: metrics.percentile(values, q), what)
+
+
+def test_percentile_interpolates_between_the_closest_ranks(metrics):
+    values = [4.0, 1.0, 3.0, 2.0]
+    for q, expected in ((0, 1.0), (50, 2.5), (99, 3.97), (100, 4.0), (25, 1.75)):
+        what = f"percentile({values}, {q})"
+        check(call(what, metrics.percentile, values, q), expected, what, [
+            (sorted(values)[min(3, math.ceil(q / 100 * 4) - 1 if q else 0)], "nearest rank instead of interpolation"),
+        ])  # fmt: skip
+    assert values == [4.0, 1.0, 3.0, 2.0], f"percentile must not reorder its input: it is now {values}"
+
+
+def test_percentile_and_summary_of_no_values_are_zero(metrics):
+    what = "percentile([], 50): no values, so 0.0"
+    check(call(what, metrics.percentile, [], 50), 0.0, what)
+    stats = call("summarize([]): no values, so all 0.0", metrics.summarize, [])
+    assert (stats.mean, stats.median, stats.p99) == (0.0, 0.0, 0.0), f"summarize([]): no values, all 0.0, got {stats}"
+
+
+def test_summarize_reports_mean_median_and_p99(metrics):
+    values = [0.3, 0.1, 0.2, 1.0]
+    stats = call(f"summarize({values})", metrics.summarize, values)
+    check(stats.mean, 0.4, f"mean of {values}")
+    check(stats.median, 0.25, f"median of {values} (the 50th percentile, interpolated)", [
+        (0.2, "nearest rank instead of interpolation"),
+    ])  # fmt: skip
+    check(stats.p99, 0.979, f"p99 of {values} (rank 0.99 x 3 = 2.97: 0.3 + 0.97 x 0.7)", [
+        (1.0, "nearest rank instead of interpolation"),
+    ])  # fmt: skip
+
+
+# --- serving_metrics, on a hand-made run ----------------------------------------------------------------------------
+
+
 def test_counts_and_throughputs_divide_by_the_wall_time(metrics):
     m = metrics.serving_metrics(timelines(), duration=2.0)
     check(m.completed, 3, "completed requests", [(4, "the failed request counted as completed")])
@@ -46,6 +107,16 @@ def test_counts_and_throughputs_divide_by_the_wall_time(metrics):
     check(m.request_throughput, 1.5, "requests/s = completed / duration", [(2.0, "the failed request counted")])
     check(m.output_throughput, 4.0, "output tokens/s = 8 / 2 s")
     check(m.total_token_throughput, 34.0, "total tokens/s = (60 + 8) / 2 s")
+
+
+def test_a_request_without_tokens_is_not_completed_even_if_not_marked_failed(metrics):
+    run = timelines() + [RequestTimeline(4, arrival=0.5, prompt_len=50, output_len=2)]  # no token, failed is False
+    m = metrics.serving_metrics(run, duration=2.0)
+    check(m.completed, 3, "completed requests", [(4, "a request that streamed no token counted as completed")])
+    check(m.failed, 2, "failed requests: the refused one and the one that streamed no token")
+    check(m.total_input_tokens, 60, "input tokens (completed requests only)", [
+        (110, "a request that streamed no token counted as completed"),
+    ])  # fmt: skip
 
 
 def test_ttft_and_e2e_latency_are_measured_from_the_send_time(metrics):
@@ -68,6 +139,18 @@ def test_tpot_excludes_the_first_token_and_one_token_answers(metrics):
     check(m.tpot.median, 0.175, "median TPOT")
 
 
+def test_tpot_is_the_mean_gap_after_the_first_token(metrics):
+    uneven = [RequestTimeline(0, arrival=0.0, prompt_len=8, output_len=4, token_times=[0.5, 0.6, 0.7, 1.1])]
+    m = metrics.serving_metrics(uneven, duration=2.0)
+    # (E2EL - TTFT) / (tokens - 1) = (1.1 - 0.5) / 3 = 0.2; its gaps 0.1, 0.1 and 0.4 have the median 0.1
+    check(m.tpot.mean, 0.2, "TPOT of one request with gaps 0.1, 0.1, 0.4", [
+        (0.1, "TPOT is the mean gap, (E2EL - TTFT) / (output tokens - 1), not the median gap"),
+    ])  # fmt: skip
+    check(m.itl.median, 0.1, "median ITL of the gaps 0.1, 0.1, 0.4", [
+        (0.2, "ITL is every gap of every request pooled, not a per-request average"),
+    ])  # fmt: skip
+
+
 def test_itl_pools_every_gap_between_consecutive_tokens(metrics):
     m = metrics.serving_metrics(timelines(), duration=2.0)
     gaps = [0.1, 0.2, 0.3, 0.2, 0.1]  # request 0's three gaps, then request 2's two
@@ -78,15 +161,6 @@ def test_itl_pools_every_gap_between_consecutive_tokens(metrics):
     check(m.itl.p99, 0.296, "p99 ITL (sorted gaps 0.1 0.1 0.2 0.2 0.3: rank 0.99 x 4 = 3.96, 0.2 + 0.96 x 0.1)", [
         (0.3, "p99 by nearest rank; interpolate linearly between the closest ranks"),
     ])  # fmt: skip
-
-
-def test_percentile_interpolates_between_the_closest_ranks(metrics):
-    values = [4.0, 1.0, 3.0, 2.0]
-    for q, expected in ((0, 1.0), (50, 2.5), (99, 3.97), (100, 4.0)):
-        check(metrics.percentile(values, q), expected, f"percentile({values}, {q})", [
-            (sorted(values)[min(3, math.ceil(q / 100 * 4) - 1 if q else 0)], "nearest rank instead of interpolation"),
-        ])  # fmt: skip
-    assert metrics.percentile(values, 50) == 2.5 and values == [4.0, 1.0, 3.0, 2.0], "the input must not be sorted"
 
 
 def test_statistics_of_nothing_are_zero(metrics):
@@ -106,6 +180,13 @@ def test_goodput_counts_completed_requests_meeting_every_slo(metrics):
     ])  # fmt: skip
     m = metrics.serving_metrics(timelines(), duration=2.0, ttft_slo=1.0)
     check(m.goodput, 1.5, "goodput with a TTFT SLO of 1.0 s (inclusive) and no TPOT SLO")
+    zero = "an SLO of 0 is an SLO (only None means none)"
+    m = metrics.serving_metrics(timelines(), duration=2.0, ttft_slo=0.0)
+    check(m.goodput, 0.0, "goodput with a TTFT SLO of 0 s: no request has TTFT <= 0", [(1.5, zero)])
+    m = metrics.serving_metrics(timelines(), duration=2.0, tpot_slo=0.0)
+    check(m.goodput, 0.5, "goodput with a TPOT SLO of 0 s: only request 1, which has no TPOT, meets it", [
+        (1.5, zero),
+    ])  # fmt: skip
     m = metrics.serving_metrics(timelines(), duration=2.0)
     check(m.goodput, 1.5, "goodput without SLOs: every completed request", [(2.0, "the failed request counted")])
 
@@ -125,3 +206,4 @@ def test_peak_kv_usage_and_bad_input(metrics):
     m = metrics.serving_metrics(timelines(), duration=2.0, kv_usage=[0.1, 0.75, 0.5])
     check(m.peak_kv_usage, 0.75, "peak KV usage")
     expect_error(ValueError, lambda: metrics.serving_metrics(timelines(), duration=0.0), "a run of 0 seconds")
+    expect_error(ValueError, lambda: metrics.serving_metrics(timelines(), duration=-1.0), "a negative duration")

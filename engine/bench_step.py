@@ -45,7 +45,8 @@ def main(argv=None) -> None:
                                 quantization=args.quantization)  # fmt: skip
     for i in range(args.running):
         prompt = [engine.tokenizer.bos_token_id] + [(7 * i + j) % 256 for j in range(args.prompt_len)]
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=10**6 // args.running, ignore_eos=True))
+        room = engine.max_model_len - len(prompt)
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=room, ignore_eos=True))
     engine.step()  # every prefill at once
     for _ in range(3):
         engine.step()  # warm-up: CUDA graph capture, Triton compilation

@@ -146,24 +146,23 @@ def test_one_forward_per_step_mixes_prefill_chunks_and_decodes(make_engine):
     engine.add_request("short", ids(PROMPTS[0]), greedy(12))
     engine.step()
     engine.add_request("long", long_prompt, greedy(4))
-    steps = 0
+    calls = engine.runner.forward.calls
+    steps = 1
     while engine.has_unfinished_requests():
         engine.step()
         steps += 1
-    calls = engine.runner.forward.calls
-    assert len(calls) == steps + 1, (
-        f"{steps + 1} steps called runner.forward {len(calls)} times: every step must run its requests in one "
-        "forward, not one forward per request"
+        for n, start, sample in calls[-1] if calls else []:
+            assert not (sample and n > 1 and start + n < len(long_prompt)), (
+                f"a prefill chunk of {n} tokens from position {start} (the prompt has {len(long_prompt)}) asked for a "
+                "sample: only a chunk that reaches the end of the known tokens samples"
+            )
+        assert steps < 100, "the engine still had unfinished requests after 100 steps"
+    assert len(calls) == steps, (
+        f"{steps} steps called runner.forward {len(calls)} times: every step must run its requests in one forward, "
+        "not one forward per request"
     )
     mixed = [c for c in calls if any(n == 1 for n, _, _ in c) and any(n > 1 for n, _, _ in c)]
     assert mixed, f"no forward held both a decode and a prefill chunk; forwards (tokens, start, samples): {calls}"
-    for call in mixed:
-        for n, start, sample in call:
-            if n > 1 and start + n < len(long_prompt):
-                assert not sample, (
-                    f"a prefill chunk of {n} tokens from position {start} (the prompt has {len(long_prompt)}) asked "
-                    "for a sample: only a chunk that reaches the end of the known tokens samples"
-                )
 
 
 # --- prefix caching and preemption ----------------------------------------------------------------------------------
@@ -384,6 +383,9 @@ def test_stats_follow_the_engine(make_engine):
     stats = engine.stats()
     assert stats.generation_tokens == 4 + 5 + 6 and (stats.num_running, stats.num_waiting) == (0, 0), (
         f"after the run: 15 generation tokens, nothing running or waiting, got {stats}"
+    )
+    assert stats.prompt_tokens == sum(map(len, prompts)), (
+        f"after the run: prompt tokens count each prompt once ({sum(map(len, prompts))}), got {stats.prompt_tokens}"
     )
 
 

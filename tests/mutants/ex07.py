@@ -61,11 +61,11 @@ MUTANTS = [
     Mutant("one forward per request instead of one per step", E,
            "        logits = self.runner.forward(seqs)\n", "        logits = torch.cat([self.runner.forward([s]) for s in seqs])\n", "one forward per request", only('one_forward')),
     Mutant("every prefill chunk samples a token", E,
-           "            sample = end == len(request.token_ids)\n", "            sample = True\n", "sample", only('one_forward')),
+           "            sample = end == len(request.token_ids)\n", "            sample = True\n", "asked for a sample", only('one_forward')),
     Mutant("the block table not read again when a decode opens a new block", E,
            "            grew = grew or position % self.block_size == 0\n", "", "block table is stale", only('stop_string or greedy')),
     Mutant("prompt tokens counted at every sampled token", E,
-           "            if request.num_output == 1:\n                self._counters", "            if True:\n                self._counters", "prompt tokens", only('stats')),
+           "            if request.num_output == 1:\n                self._counters", "            if True:\n                self._counters", "prompt tokens count each prompt once", only('stats')),
     Mutant("generation tokens not counted", E,
            "        self._counters[\"generation_tokens\"] += len(tokens)\n", "", "generation tokens", only('stats')),
 ]

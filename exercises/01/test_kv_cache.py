@@ -284,6 +284,29 @@ def test_reset_forgets_tokens_but_keeps_the_buffers(kv):
     close(keys, k, "after reset, the next append starts at position 0")
 
 
+def test_append_writes_at_seq_len_after_a_rewind(kv):
+    """seq_len is the one count of stored tokens: a caller may rewind it by assignment (speculative decoding drops
+    rejected draft tokens that way), and the next append of every layer writes at the rewound seq_len."""
+    cache = small_cache(kv)
+    first = [kv_pair(tokens=5, seed=20 + layer) for layer in range(3)]
+    for layer in range(3):
+        cache.append(layer, *first[layer])
+    cache.advance(5)
+    cache.seq_len = 2  # rewind: positions 2..4 are dropped
+    for layer in range(3):
+        k, v = kv_pair(tokens=1, seed=30 + layer)
+        keys, values = cache.append(layer, k, v)
+        assert keys.shape[2] == 3, (
+            f"layer {layer}: after rewinding seq_len to 2, append of 1 token must return 3 positions, got "
+            f"{keys.shape[2]}: append writes at seq_len, whatever it was set to, never at a count of its own"
+        )
+        expected = torch.cat([first[layer][0][:, :, :2], k], dim=2)
+        close(keys, expected, f"layer {layer}: after a rewind to seq_len 2, keys must be positions 0, 1 then the new "
+              "token (append writes at seq_len, not at a per-layer count of its own)")  # fmt: skip
+    cache.advance(1)
+    assert cache.seq_len == 3, f"rewound to 2, then advanced by 1: expected seq_len 3, got {cache.seq_len}"
+
+
 # --- RoPE and attention ----------------------------------------------------------------------------------------------
 
 
@@ -453,6 +476,27 @@ def test_prefill_in_chunks_matches_one_pass(kv, tiny, hf_tiny):
             "new ones before it (causal diagonal at the bottom right), at RoPE positions that continue the cache's",
         )
         start += size
+
+
+@pytest.fixture(scope="module")
+def hf_llama3_rope():
+    """The tiny model with Llama 3's RoPE base (theta 500000; Llama 2 used 10000)."""
+    return build_hf_model("tiny", seed=3, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                          rope_theta=500000.0)  # fmt: skip
+
+
+def test_forward_uses_the_models_rope_theta(kv, hf_llama3_rope):
+    model = Llama(hf_llama3_rope)
+    assert model.rope_theta == 500000.0, "test setup: the model's RoPE theta should be 500000"
+    ids = random_ids(model, batch=2, tokens=10, seed=21)
+    expected = hf_logits(hf_llama3_rope, ids)
+    cache = new_cache(kv, model, batch=2, capacity=12)
+    hint = ("a model whose rope_theta is 500000 (Llama 3's): forward must rotate with model.rope_theta, not a "
+            "hard-coded 10000 (Llama 2's)")  # fmt: skip
+    close(kv.forward(model, ids[:, :8], cache), expected[:, :8], f"prefill logits differ on {hint}")
+    for position in (8, 9):
+        got = kv.forward(model, ids[:, position : position + 1], cache)
+        close(got[:, 0], expected[:, position], f"decode step at position {position}: logits differ on {hint}")
 
 
 def hf_greedy(hf_model, ids, steps):

@@ -99,4 +99,14 @@ MUTANTS = [
     Mutant("GPU graph step: scores scaled by 1/D", F,
            "heads // kv_heads, dim) * dim**-0.5", "heads // kv_heads, dim) / dim",
            "GPU decode path", ("-k", "gpu"), needs_cuda=True),
+    Mutant("forward with RoPE theta hard-coded to 10000 (Llama 2's)", F,
+           "_rope_tables(positions, model.head_dim, model.rope_theta, model.dtype)",
+           "_rope_tables(positions, model.head_dim, 10000.0, model.dtype)", "rope_theta"),
+    Mutant("append writes at a per-layer count of its own, not at seq_len", F,
+           "        end = self.seq_len + k.shape[2]\n        self.keys[layer, :, :, self.seq_len : end] = k\n"
+           "        self.values[layer, :, :, self.seq_len : end] = v\n",
+           "        written = self.__dict__.setdefault('_written', {})\n        if self.seq_len == 0:\n"
+           "            written.clear()\n        start = written.get(layer, 0)\n        end = start + k.shape[2]\n"
+           "        written[layer] = end\n        self.keys[layer, :, :, start:end] = k\n"
+           "        self.values[layer, :, :, start:end] = v\n", "rewind"),
 ]

@@ -397,7 +397,7 @@ def parse_args(argv=None):
         args.device = "cpu"
         args.model = args.model or str(ROOT / "fixtures" / "course_model" / "target")
         for name, value in (("rates", "2,inf"), ("num_requests", 6), ("prompt_len", 48), ("max_tokens", 8),
-                            ("time_limit", 30.0), ("start_timeout", 120.0), ("agreement_tokens", 8),
+                            ("time_limit", 30.0), ("start_timeout", 300.0), ("agreement_tokens", 8),
                             ("system_prompt_len", 192), ("chunk_sizes", "64,256"), ("walk_rate", 4.0),
                             ("walk_requests", 6)):  # fmt: skip
             if getattr(args, name) == parser.get_default(name):
@@ -407,16 +407,19 @@ def parse_args(argv=None):
     return args
 
 
-def compare(args, model: Path, work: Path) -> tuple[dict, dict]:
+def compare(args, model: Path, work: Path, report: dict, save) -> None:
+    """Each engine in turn; `report["engines"]` and `report["greedy"]` filled, and saved, after each one."""
     rates = [float(r) for r in args.rates.split(",")]
     trace = make_trace(args.num_requests, args.prompt_len, args.max_tokens, args.seed)
-    results, answers = {}, {}
+    results, answers = report.setdefault("engines", {}), {}
+    report["greedy"] = {"answers": answers, "agree_with_inferlab": {}, "rates": rates}
     for engine in args.engines.split(","):
         port = free_port()
         found = engine_commands(model, args.device, port, "model", []).get(engine, f"unknown engine {engine!r}")
         if isinstance(found, str):
             print(f"  {engine}: skipped: {found}", flush=True)
             results[engine] = {"status": "skipped", "reason": found}
+            save()
             continue
         command, name = found
 
@@ -425,20 +428,20 @@ def compare(args, model: Path, work: Path) -> tuple[dict, dict]:
             return {"points": sweep(url, model_name, trace, rates, args)}
 
         results[engine] = serve_and_measure(engine, command, name, f"http://127.0.0.1:{port}", args, work, measure)
-    ran = {e: a for e, a in answers.items()}
-    reference = ran.get("inferlab")
-    agreement = {e: (a == reference) for e, a in ran.items()} if reference is not None else {}
-    return results, {"answers": ran, "agree_with_inferlab": agreement, "rates": rates}
+        if "inferlab" in answers:
+            report["greedy"]["agree_with_inferlab"] = {e: a == answers["inferlab"] for e, a in answers.items()}
+        save()
 
 
-def walkthrough(args, model: Path, work: Path) -> dict:
-    walk = {}
+def walkthrough(args, model: Path, work: Path, walk: dict, save) -> None:
+    """inferlab's tuning runs, each recorded in `walk` and saved as soon as it ends."""
     shared = make_trace(args.walk_requests, args.system_prompt_len + 64, 32, args.seed + 7, args.system_prompt_len)
     for label, extra in (("prefix caching on", []), ("prefix caching off", ["--no-prefix-caching"])):
         port = free_port()
         found = engine_commands(model, args.device, port, "model", extra)["inferlab"]
         if isinstance(found, str):
-            return {"skipped": found}
+            walk["skipped"] = found
+            return
 
         def measure(url, name):
             loadgen.run(url, name, shared[:2], time_limit=args.time_limit)
@@ -449,6 +452,7 @@ def walkthrough(args, model: Path, work: Path) -> dict:
         outcome = serve_and_measure(f"inferlab ({label})", found[0], found[1], f"http://127.0.0.1:{port}", args,
                                     work, measure)  # fmt: skip
         walk.setdefault("prefix_caching", {})[label.removeprefix("prefix caching ")] = outcome
+        save()
         if outcome.get("status") == "ran":
             print(f"    {label}: TTFT p50 {outcome['ttft_p50'] * 1e3:.1f} ms, p99 {outcome['ttft_p99'] * 1e3:.1f} ms")
     # long prompts arriving while earlier requests decode: each prefill chunk rides along with the decodes
@@ -467,10 +471,10 @@ def walkthrough(args, model: Path, work: Path) -> dict:
         outcome = serve_and_measure(f"inferlab (chunk {size})", command, name, f"http://127.0.0.1:{port}", args,
                                     work, measure)  # fmt: skip
         walk.setdefault("chunk_size", {})[size] = outcome
+        save()
         if outcome.get("status") == "ran":
             print(f"    chunk {size}: TTFT p50 {outcome['ttft_p50'] * 1e3:.1f} ms, ITL p99 "
                   f"{outcome['itl_p99'] * 1e3:.1f} ms")  # fmt: skip
-    return walk
 
 
 def versions() -> dict:
@@ -485,41 +489,50 @@ def versions() -> dict:
     return found
 
 
+def summary_table(report: dict, price: float) -> str:
+    summary = table(report["engines"], price)
+    checked = report["greedy"]["agree_with_inferlab"]
+    disagree = [e for e, ok in checked.items() if not ok]
+    if len(checked) < 2:
+        return summary + "\n\ngreedy answers: fewer than two engines ran beside inferlab's, nothing to compare"
+    verdict = f"DIFFER from inferlab's for: {', '.join(disagree)}" if disagree else "agree with inferlab's"
+    return summary + f"\n\ngreedy answers {verdict}"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped by `timeout`: the servers stop, results stay
     with tempfile.TemporaryDirectory(prefix="compare07-") as scratch:
         model = servable_checkpoint(Path(args.model).resolve(), Path(scratch))
         report = {"args": vars(args), "versions": versions(), "checkpoint": str(args.model)}
         gpu = report["versions"].get("gpu", "none")
         title = (f"{Path(args.model).name} on {'the CPU' if gpu.startswith('none') else gpu}; prompts "
                  f"{args.prompt_len} + answers {args.max_tokens} tokens")  # fmt: skip
+
+        def save() -> None:
+            """Everything measured so far, on disk: a run cut short by its time limit still leaves its results."""
+            if "engines" in report:
+                draw_comparison(report["engines"], report["greedy"]["rates"], out / "compare.png", title)
+                (out / "compare.md").write_text(summary_table(report, args.gpu_hour_price) + "\n")
+            if "walkthrough" in report:
+                draw_walkthrough(report["walkthrough"], out, f"{Path(args.model).name}, {args.device}")
+            with tarfile.open(out / "logs.tar.gz", "w:gz") as logs:  # one file: the engines' own output
+                for log in sorted(Path(scratch).glob("*.log")):
+                    logs.add(log, arcname=log.name.replace(" ", "_").replace("(", "").replace(")", ""))
+            report["seconds"] = time.perf_counter() - began
+            (out / "compare.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+
         if not args.no_compare:
             print(f"engines side by side on {args.model} ({args.device})", flush=True)
-            results, agreement = compare(args, model, Path(scratch))
-            report |= {"engines": results, "greedy": agreement}
-            draw_comparison(results, agreement["rates"], out / "compare.png", title)
-            summary = table(results, args.gpu_hour_price)
-            checked = agreement["agree_with_inferlab"]
-            disagree = [e for e, ok in checked.items() if not ok]
-            if len(checked) < 2:
-                summary += "\n\ngreedy answers: fewer than two engines ran beside inferlab's, nothing to compare"
-            else:
-                verdict = f"DIFFER from inferlab's for: {', '.join(disagree)}" if disagree else "agree with inferlab's"
-                summary += f"\n\ngreedy answers {verdict}"
-            (out / "compare.md").write_text(summary + "\n")
-            print(summary, flush=True)
+            compare(args, model, Path(scratch), report, save)
+            print(summary_table(report, args.gpu_hour_price), flush=True)
         if args.walkthrough:
             print("tuning walkthrough (inferlab)", flush=True)
-            report["walkthrough"] = walkthrough(args, model, Path(scratch))
-            draw_walkthrough(report["walkthrough"], out, f"{Path(args.model).name}, {args.device}")
-        with tarfile.open(out / "logs.tar.gz", "w:gz") as logs:  # one file: the engines' own output
-            for log in sorted(Path(scratch).glob("*.log")):
-                logs.add(log, arcname=log.name.replace(" ", "_").replace("(", "").replace(")", ""))
-    report["seconds"] = time.perf_counter() - began
-    (out / "compare.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+            walkthrough(args, model, Path(scratch), report.setdefault("walkthrough", {}), save)
+        save()
     print(f"wrote {out}/compare.json in {report['seconds']:.0f} s", flush=True)
     return report
 

@@ -52,7 +52,7 @@ class RequestRecord:
     prompt_len: int  # the server's usage.prompt_tokens when reported, else the trace's count
     arrival: float  # when it was sent (perf_counter): after waiting for a concurrency slot, just before sending
     token_times: list[float] = field(default_factory=list)  # when each output token arrived, in order
-    failed: bool = False  # HTTP error, error event, connection error, stream ended before [DONE], time limit
+    failed: bool = False  # HTTP error, error event, connection error, stream closed early, time limit
     error: str = ""  # why it failed, with the server's own message when there is one
     text: str = ""  # the text streamed back, joined
     finish_reason: str | None = None  # from the chunk that carried one ("length", "stop")

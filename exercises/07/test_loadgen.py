@@ -340,7 +340,7 @@ def test_the_concurrency_cap_is_reached_and_never_exceeded(loadgen, server):
 
 def test_all_requests_in_flight_without_a_cap(loadgen, server):
     n = 130
-    trace = [req(loadgen, script(f"u{i}", token(1.0, "x"), done()), 1) for i in range(n)]
+    trace = [req(loadgen, script(f"u{i}", token(1.5, "x"), done()), 1) for i in range(n)]  # 1.5 s: time to connect all
     result = loadgen.run(server.url, "scripted", trace)
     seen = server.log()["max_in_flight"]
     assert seen == n, (

@@ -116,7 +116,8 @@ def forward(model, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
 
     The tokens take positions cache.seq_len .. cache.seq_len + T - 1. For each layer:
         q, k, v = model.attention_input(layer, hidden)          # before RoPE
-        rotate q and k (apply_rope), append k and v to the cache, attend over what the cache returns,
+        rotate q and k (apply_rope with the model's own model.rope_theta: 10000 in Llama 2, 500000 in Llama 3),
+        append k and v to the cache (at cache.seq_len, whatever it was set to), attend over what the cache returns,
         hidden = model.attention_output(layer, hidden, attended)
         hidden = model.mlp(layer, hidden)
     Start from hidden = model.embed(input_ids); end with cache.advance(T) and model.logits(hidden).

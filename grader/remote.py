@@ -29,6 +29,7 @@ modules stay.
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import os
 import pickle
@@ -170,7 +171,9 @@ class Remote:
         return value
 
     def __setattr__(self, name, value):
-        self._endpoint.request("setattr", self._resolved(), name, value)
+        target = self._resolved()
+        self._endpoint.methods.get(target._type_key, set()).discard(name)  # no longer called by name unseen
+        self._endpoint.request("setattr", target, name, value)
 
     def __delattr__(self, name):
         self._endpoint.request("delattr", self._resolved(), name)
@@ -304,6 +307,7 @@ class Endpoint:
         self.exported: dict[int, object] = {}  # ref -> object this side owns and the other side holds a proxy of
         self._export_ids: dict[int, int] = {}  # id(object) -> ref
         self.pinned: set[int] = set()  # refs that survive `forget` (the modules)
+        self._weak_exported = weakref.WeakValueDictionary()  # refs forgotten but still alive elsewhere
         self.proxies: dict[int, Remote] = {}  # the other side's ref -> our proxy
         self.methods: dict[int, set[str]] = {}  # the other side's type key -> names known to be methods there
         self.storages = weakref.WeakValueDictionary()  # (st_dev, st_ino) -> storage: one per shared file
@@ -328,7 +332,9 @@ class Endpoint:
         if self.closed:
             raise SandboxDied("the other process is gone")
         fds: list[int] = []
-        message = ("q", (op, [self.encode(a, fds) for a in args]))
+        torch = sys.modules.get("torch")
+        grad = torch.is_grad_enabled() if torch is not None else True  # the call runs under the caller's grad mode
+        message = ("q", (op, [self.encode(a, fds) for a in args], grad))
         self.depth += 1
         try:
             self.connection.send(message, fds)
@@ -380,9 +386,11 @@ class Endpoint:
     def _serve(self, body, fds) -> None:
         saved, self._generators = self._generators, []
         try:
-            op, args = body[0], body[1]
+            op, args, grad = body[0], body[1], bool(body[2])
             handler = self.handlers[op]
-            value = handler(*self.decode(("t", args), fds))
+            torch = sys.modules.get("torch")
+            with torch.set_grad_enabled(grad) if torch is not None else contextlib.nullcontext():
+                value = handler(*self.decode(("t", args), fds))
             out: list[int] = []
             reply = ["a", self.encode(value, out)]
         except (KeyboardInterrupt, SandboxDied):
@@ -422,6 +430,12 @@ class Endpoint:
 
     def forget(self) -> None:
         """Drop every reference but the pinned ones, and every shared storage (the end of a test)."""
+        for ref, obj in self.exported.items():
+            if ref not in self.pinned:  # still reachable while something else keeps it (a module-scoped fixture)
+                try:
+                    self._weak_exported[ref] = obj
+                except TypeError:
+                    pass
         self.exported = {ref: obj for ref, obj in self.exported.items() if ref in self.pinned}
         self._export_ids = {id(obj): ref for ref, obj in self.exported.items()}
         self.proxies.clear()
@@ -587,9 +601,10 @@ class Endpoint:
             return proxy
         if tag == "y":
             ref = int(value[1])
-            if ref not in self.exported:
+            found = self.exported.get(ref, self._weak_exported.get(ref))
+            if found is None:
                 raise RemoteError(f"a reference to object {ref}, which this process did not hand out (or forgot)")
-            return self.exported[ref]
+            return found
         if tag == "x":
             return self._decode_exception(value)
         if tag == "xc":
@@ -725,9 +740,8 @@ def _named_method(target, name) -> bool:
     """True when `target.name` is looked up on its class or module, so that calling it by name later is the same."""
     import types
 
-    if isinstance(target, types.ModuleType):  # its functions and classes (an exception class must arrive as a class)
-        value = vars(target).get(name)
-        return isinstance(value, types.FunctionType) or isinstance(value, type) and not issubclass(value, BaseException)
+    if isinstance(target, types.ModuleType):  # a test may patch it (monkeypatch.setattr(module, ...)): fetch each time
+        return False
     if name in getattr(target, "__dict__", {}):
         return False
     for klass in type(target).__mro__:

@@ -217,6 +217,8 @@ def test_isolation_switch_and_batches():
     assert not isolation.isolated("01", "test_append_work_is_proportional_to_the_new_tokens_not_the_cache", "")
     assert not isolation.isolated("01", "test_decode_speed", "gpu") and not isolation.isolated("03", "test_x", "")
     assert set(isolation.NOT_ISOLATED_YET).isdisjoint(isolation.ISOLATED)
+    gpu_test = "test_awq_export_decodes_through_exercise_03s_gemv_like_its_fake_quantized_copy"
+    assert not isolation.isolated("08", gpu_test, ""), "a GPU test stays in-process until the CUDA path is proven"
 
 
 # --- graded end to end --------------------------------------------------------------------------------------------

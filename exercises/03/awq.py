@@ -68,10 +68,13 @@ def awq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Te
     qweight int32 [K, N/8], scales fp16/bf16 [K/G, N], qzeros int32 [K/G, N/8], all on one device; G = K // rows of
     scales must divide K, and may be any such divisor. Bit for bit what torch computes as
     `(q - z).to(scales.dtype) * s` (a product of a small integer and a scale is exact in fp32, so convert to fp32,
-    multiply, and round once to the output dtype; never through fp16 for bf16). torch only allocates the output: the
-    kernel computes W. K and N need not be multiples of your tile sizes (K = G = 36 is valid): mask the tails, and
-    write nothing outside the output. Inputs may have any strides (transposed or sliced views): index them through
-    their strides, or call .contiguous() first. Inputs are never modified.
+    multiply, and round once to the output dtype, to nearest even; never through fp16 for bf16). torch only
+    allocates the output: the kernel computes W, for bf16 as for fp16 (under the interpreter a Triton fp32 -> bf16
+    conversion truncates instead of rounding: that one-ulp difference is allowed there, and only there). K and N need
+    not be multiples of your tile sizes (K = G = 36 is valid): mask the tails (rows past K included: a row past K
+    reads no scale and stores nothing), and write nothing outside the output. Inputs may have any strides
+    (transposed or sliced views): index them through their strides, or call .contiguous() first. Inputs are never
+    modified.
     ValueError or TypeError, before any work, for wrong dtypes, shapes that disagree (a 1-d qweight included), a
     group count that does not divide K, or mixed devices; the message names the offending argument or the problem.
     """

@@ -39,6 +39,45 @@ DEQUANT_CONFIG_TO_GRID = (
     "    out = torch.empty((K, N), dtype=scales.dtype, device=scales.device)\n"
     '    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * (K // cfg["BLOCK_K"]),)\n'
 )
+# The dequantization tile with a row count of its own (16) over the wrapper's grid of K // BLOCK_K tiles, no K mask,
+# and each row's own group: rows past K read the scales' poison past their end and store NaN past the output's.
+DEQUANT_TILE = (
+    "    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)\n"
+    "    offs_c = pid_n * BLOCK_C + tl.arange(0, BLOCK_C)\n"
+    "    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
+    "    # BLOCK_K divides G, so the whole tile shares one row of zeros and scales, loaded once.\n"
+    "    group = pid_k * BLOCK_K // G\n"
+    "    # K is a multiple of BLOCK_K (it divides G, which divides K): only the columns need masks.\n"
+    "    packed = tl.load(qweight_ptr + offs_k[:, None] * N8 + offs_c[None, :], mask=(offs_c < N8)[None, :], other=0)\n"
+    "    zeros = tl.load(qzeros_ptr + group * N8 + offs_c, mask=offs_c < N8, other=0)\n"
+    "    scales = tl.load(scales_ptr + group * N + offs_n, mask=offs_n < N, other=0.0)\n"
+    "    MAGIC: tl.constexpr = 0x4B000000\n"
+)
+DEQUANT_TILE_UNMASKED_ROWS = (
+    "    offs_k = pid_k * 16 + tl.arange(0, 16)\n"
+    "    offs_c = pid_n * BLOCK_C + tl.arange(0, BLOCK_C)\n"
+    "    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
+    "    group = offs_k // G\n"
+    "    packed = tl.load(qweight_ptr + offs_k[:, None] * N8 + offs_c[None, :], mask=(offs_c < N8)[None, :], other=0)\n"
+    "    zeros = tl.load(qzeros_ptr + group[:, None] * N8 + offs_c[None, :], mask=(offs_c < N8)[None, :], other=0)\n"
+    "    scales = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=(offs_n < N)[None, :], other=0.0)\n"
+    "    MAGIC: tl.constexpr = 0x4B000000\n"
+)
+DEQUANT_UNPACK_Q = (
+    "    # 2^23 + q and 2^23 + z as floats, by ORing the nibbles into 2^23's mantissa: their difference is q - z exactly,\n"
+    "    # without the quarter-rate integer -> float conversion. q - z is a small integer and the fp32 product is exact,\n"
+    "    # so its one rounding to fp16/bf16 gives bit for bit what a fp16/bf16 multiply gives.\n"
+    "    q = (_unpack(packed) | MAGIC).to(tl.float32, bitcast=True)\n"
+)
+DEQUANT_PRODUCT_ROWS = (  # the product with [BLOCK_K, BLOCK_C] zeros and [BLOCK_K, BLOCK_N] scales
+    "    z = (_unpack(zeros[None, :]) | MAGIC).to(tl.float32, bitcast=True)\n"
+    "    w = ((q - z) * scales.to(tl.float32)[None, :]).to(out_ptr.dtype.element_ty)\n"
+)
+# bf16 dequantized in torch, the fp32 product cut to bf16 by dropping its low bits (the interpreter's conversion).
+TORCH_W_TRUNCATED = (
+    "(((unpack_awq(qweight) - unpack_awq(qzeros).repeat_interleave(G, 0)).float() * scales.float().repeat_interleave(G, 0))"
+    ".view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)"
+)
 FMA_ACCUMULATE = "        acc += tl.sum(x[:, None, None] * (q - z), axis=0) * scales"
 DOT_ACCUMULATE = "        acc += tl.dot(x, w) * scales.to(tl.float32)[None, :]"
 
@@ -103,6 +142,16 @@ MUTANTS = [
            .replace("torch.empty((K, N), dtype=scales.dtype, device=scales.device)", "scales.new_empty((K, N))")
            .replace('(K // cfg["BLOCK_K"])', "triton.cdiv(K, 16)"),
            "past the end", only("dequantize_covers_tails")),
+    Mutant("dequantize: 16-row tiles over K // BLOCK_K, no K mask, each row's own group (NaN stored past the end)", F,
+           DEQUANT_TILE + DEQUANT_UNPACK_Q + DEQUANT_PRODUCT_ROWS,
+           DEQUANT_TILE_UNMASKED_ROWS + DEQUANT_UNPACK_Q
+           + DEQUANT_PRODUCT_ROWS.replace("zeros[None, :]", "zeros").replace(".to(tl.float32)[None, :]", ".to(tl.float32)"),
+           "past the end", only("dequantize_covers_tails")),
+    Mutant("dequantize: bf16 in torch, truncated to bf16 instead of rounded", F,
+           "    cfg = _dequant_config(K, N, G, **(DEQUANT_CONFIG or {}))\n",
+           f"    if scales.dtype == torch.bfloat16:\n        return {TORCH_W_TRUNCATED}\n"
+           "    cfg = _dequant_config(K, N, G, **(DEQUANT_CONFIG or {}))\n", "computed W in torch",
+           only("runs_in_a_triton_kernel")),
     Mutant("dequantize: W computed in plain torch, no Triton kernel", F,
            "    cfg = _dequant_config(K, N, G, **(DEQUANT_CONFIG or {}))\n",
            f"    return {TORCH_W}\n    cfg = _dequant_config(K, N, G, **(DEQUANT_CONFIG or {{}}))\n", "computed W in torch",

@@ -46,19 +46,25 @@ def rejection_sample(
 ) -> torch.Tensor:
     """Verify k drafted tokens per request against the target. Returns [B, k+1] int64.
 
-    draft_token_ids [B, k] int64 in [0, V): the draft's tokens, each drawn from its row of draft_probs.
+    Draft tokens are counted from 0 here: draft token i is draft_token_ids[:, i], i = 0 .. k-1.
+    draft_token_ids [B, k] int64 in [0, V) (V itself is out of range): the draft's tokens, each drawn from its row
+        of draft_probs.
     draft_probs [B, k, V] float: row i is q, the draft's distribution that draft token i was drawn from.
-    target_probs [B, k+1, V] float: row i is p, the target's distribution for the position of draft token i;
-        row k is the target's distribution for the position after the last draft token.
+    target_probs [B, k+1, V] float: row i is p, the target's distribution for the position that draft token i
+        fills (the verify pass's output row i, computed from the tokens before draft token i); row k is the
+        target's distribution for the position after the last draft token (the bonus row).
     generator: pass it to every random call (torch.rand, torch.multinomial), so that a seed fixes the result.
 
     Row b of the result: the draft tokens kept before the first rejection (a of them, 0 <= a <= k), then one more
     token (recovered from normalize(max(0, p - q)) of row a if a < k; the bonus, drawn from row k, if a == k), then
     -1 in the remaining k - a columns. Keep draft token x with probability min(1, p(x) / q(x)): draw u uniform in
-    [0, 1) and keep when u < p(x) / q(x) (with p == q this keeps every token).
+    [0, 1) and keep when u < p(x) / q(x) (with p == q this keeps every token). If max(0, p - q) sums to 0 at a
+    rejection (p <= q everywhere: possible only through rounding, since p and q each sum to 1 within 1e-3), draw
+    the recovered token from p itself.
 
-    Raise ValueError for: k < 1; draft_probs not [B, k, V] or target_probs not [B, k+1, V] (mismatched batch, k or
-    vocabulary); token ids outside [0, V); probability rows that are negative or do not sum to 1 (within 1e-3).
+    Raise ValueError for: k < 1; draft_probs not [B, k, V] or target_probs not [B, k+1, V] (a batch size that
+    differs from draft_token_ids', a mismatched k or vocabulary); token ids outside [0, V); rows of draft_probs or
+    of target_probs with a negative entry (even if they sum to 1) or that do not sum to 1 (within 1e-3).
     """
     # TODO: validate; gather p(x_i) and q(x_i) for every draft token; draw u [B, k]; the number kept per row is the
     #  length of the run of u < p/q from the start (cumprod helps); build the distribution of the extra token (the
@@ -69,11 +75,12 @@ def rejection_sample(
 def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     """Greedy verification of k drafted tokens per request. Returns [B, k+1] int64.
 
-    draft_token_ids [B, k] int64 in [0, V); target_logits [B, k+1, V]: row i scores the position of draft token i,
-    row k the position after the last one.
-    Row b of the result: the draft tokens up to the first one that differs from the argmax of its row (a of them),
-    then the target's argmax of row a (the correction, or the bonus when a == k), then -1.
-    Raise ValueError for k < 1, mismatched shapes, token ids outside [0, V).
+    draft_token_ids [B, k] int64 in [0, V); target_logits [B, k+1, V]: row i scores the position that draft token i
+    (counted from 0) fills, row k the position after the last one.
+    Row b of the result: the draft tokens up to the first one that differs from the argmax of its row (a of them,
+    counted for each row on its own), then the target's argmax of row a (the correction, or the bonus when a == k),
+    then -1. This is the rule for temperature 0 only: sampled drafts are verified by rejection_sample.
+    Raise ValueError for k < 1, mismatched shapes (batch sizes that differ included), token ids outside [0, V).
     """
     # TODO: argmax of every row; count the leading matches; fill as in rejection_sample.
     raise NotImplementedError("greedy_verify: keep drafts while they equal the target's argmax, then the argmax")
@@ -92,8 +99,13 @@ def speculative_generate(
 
     target, draft: CachedModel-like objects (module docstring) with the same vocabulary.
     temperature 0: greedy (choose argmax, verify with greedy_verify). temperature > 0: every distribution is
-    softmax(logits / temperature); the draft samples its tokens, verification is rejection_sample; pass `generator`
-    to every random call.
+    softmax(logits / temperature), the temperature applied once (the prefill's, the draft's, the verify pass's); the
+    draft samples its tokens, and verification is rejection_sample, with q the tempered rows the draft sampled from
+    and p the verify pass's tempered rows (never greedy_verify); pass `generator` to every random call.
+
+    No end-of-sequence rule: exactly max_new_tokens tokens come back, whatever they are. The course model's <eos>
+    (257) is a token like any other here: the target's greedy tokens go on past it, and so must yours (a caller that
+    stops at <eos> cuts the output after it).
 
     Returns (tokens, stats): tokens [1, max_new_tokens] int64, the new tokens only; stats a dict of ints:
         "drafted": draft tokens proposed (k per round), "accepted": drafted tokens kept by verification (count all
@@ -114,8 +126,9 @@ def speculative_generate(
         stop after the round that reaches max_new_tokens; return the first max_new_tokens tokens.
     With greedy decoding the tokens must be exactly those of the target decoding alone.
 
-    Raise ValueError for: vocabularies that differ; input_ids not [1, T] int64 with ids in [0, V); k < 1;
-    max_new_tokens < 1; temperature < 0; T + max_new_tokens + k beyond either model's max_positions.
+    Raise ValueError, with checks of your own (not an error the model happens to raise), for: vocabularies that
+    differ; input_ids not [1, T] int64 (int32 is refused too) with ids in [0, V); k < 1; max_new_tokens < 1;
+    temperature < 0; T + max_new_tokens + k beyond either model's max_positions (a model need not check it).
     """
     # TODO: follow the loop above. Keep a buffer with the prompt and every committed token; only the number of kept
     #  drafts needs to come back to Python each round (to set cache.seq_len).

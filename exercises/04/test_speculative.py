@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from fixtures.course_model import encode, heldout_bytes, load_hf
+from fixtures.checks import expect_error
+from fixtures.course_model import EOS, encode, heldout_bytes, load_hf
 from fixtures.speculative_models import CachedModel, ForwardOnly, greedy_decode
 
 PAD = -1
@@ -35,7 +36,7 @@ def one_cpu_thread():
 
 # Chi-square critical values at a false-failure probability of 1e-6, by degrees of freedom (scipy.stats.chi2.isf).
 # A correct implementation fails one check with probability 1e-6 (the statistic is asymptotically chi-square: every
-# expected cell count here is above 50). This file makes 9 such checks, so its false-failure rate is below 1e-5 per
+# expected cell count here is above 50). This file makes 11 such checks, so its false-failure rate is about 1e-5 per
 # run for random seeds; with the fixed seeds below every run is the same run.
 CHI2_CRITICAL = {1: 23.93, 2: 27.63, 3: 30.66, 4: 33.38, 5: 35.89, 6: 38.26, 7: 40.52}
 SAMPLES = 60_000
@@ -167,10 +168,18 @@ def check_structure(ids, out, vocab):
     assert bool(((last >= 0) & (last < vocab)).all()), f"emitted tokens must lie in [0, {vocab})"
     kept = column[:, :k] < (emitted - 1)[:, None]
     bad = (kept & (out[:, :k] != ids)).any(1)
-    assert not bool(bad.any()), (
-        "the tokens before a row's last emitted token must be the draft tokens it kept, in order: a row has draft "
-        f"{ids[bad][0].tolist()} and output {out[bad][0].tolist()}"
-    )
+    if bool(bad.any()):
+        # Rows that read right when 0 is taken for padding: the kept drafts, one token, then only zeros.
+        zero_padded = all(
+            set(row[next(i for i in range(k) if row[i] != draft[i]) + 1 :]) <= {0}
+            for row, draft in zip(out[bad].tolist(), ids[bad].tolist(), strict=True)
+        )
+        pytest.fail(
+            "the tokens before a row's last emitted token must be the draft tokens it kept, in order: a row has "
+            f"draft {ids[bad][0].tolist()} and output {out[bad][0].tolist()}"
+            + (". This looks like: rows padded with 0 instead of -1 (0 is a token id)" if zero_padded else ""),
+            pytrace=False,
+        )
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -209,6 +218,29 @@ def test_next_token_follows_the_target_after_a_kept_draft(spec, scenario):
     )
 
 
+def check_bonus(bonus: torch.Tensor, p: torch.Tensor, q: torch.Tensor, where: str) -> None:
+    """The bonus tokens of rows that kept all k = 2 drafts: present, and distributed as the target's row k."""
+    assert bool((bonus != PAD).all()), (
+        "no bonus token: when all k drafts are kept, the target's row k still gives one more token (column k), "
+        f"got -1 in {int((bonus == PAD).sum())} rows"
+    )
+    stat, df, passes = chi_square(bonus, p[2])
+    mistake = name_the_mistake(bonus, [  # where q == p the two look the same, and neither is named
+        ("the bonus token is drawn from the target's row k - 1 instead of row k", p[1]),
+        ("the bonus token is drawn from the draft's row k - 1 (q) instead of the target's row k", q[1]),
+    ])  # fmt: skip
+    assert passes, (
+        f"{where}: the bonus token must be distributed as the target's row k {histogram_of(p[2])}, got "
+        f"{histogram(bonus, p.shape[1])} ({verdict(stat, df)}).{mistake}"
+    )
+
+
+def test_the_bonus_token_follows_the_targets_row_k(spec):
+    p, q, ids, out = run_rejection(spec, "random p and q")
+    all_kept = (out[:, :2] == ids).all(1)
+    check_bonus(out[all_kept, 2], p, q, f"random p and q, the {int(all_kept.sum())} rows that kept both drafts")
+
+
 @pytest.mark.points(2)
 def test_draft_equal_to_target_keeps_every_draft_then_adds_a_bonus_token(spec):
     p, q, ids, out = run_rejection(spec, "draft equals target")
@@ -216,17 +248,7 @@ def test_draft_equal_to_target_keeps_every_draft_then_adds_a_bonus_token(spec):
         "with q == p every draft token must be kept (p(x)/q(x) = 1, and u < 1 always): "
         f"{int((out[:, :2] != ids).any(1).sum())} of {SAMPLES} rows rejected one"
     )
-    bonus = out[:, 2]
-    assert bool((bonus != PAD).all()), (
-        "no bonus token: when all k drafts are kept, the target's row k still gives one more token (column k), "
-        f"got -1 in {int((bonus == PAD).sum())} rows"
-    )
-    stat, df, passes = chi_square(bonus, p[2])
-    mistake = name_the_mistake(bonus, [("the bonus token is drawn from row k - 1 instead of row k", p[1])])
-    assert passes, (
-        f"the bonus token must be distributed as the target's row k {histogram_of(p[2])}, got "
-        f"{histogram(bonus, p.shape[1])} ({verdict(stat, df)}).{mistake}"
-    )
+    check_bonus(out[:, 2], p, q, "draft equals target")
 
 
 def test_disjoint_supports_keep_nothing(spec):
@@ -234,6 +256,29 @@ def test_disjoint_supports_keep_nothing(spec):
     assert bool((out[:, 1:] == PAD).all()) and bool((out[:, 0] != ids[:, 0]).all()), (
         "the target gives probability 0 to every token the draft proposes, so no draft token may be kept: each row "
         f"must be [recovered, -1, -1]; first rows: {out[:3].tolist()} for drafts {ids[:3].tolist()}"
+    )
+
+
+def test_an_empty_residual_falls_back_to_p(spec):
+    """p gives 0 to the drafted token and equals q everywhere else, so p sums to 0.9991 (within the tolerance) and
+    max(0, p - q) is all zeros: every draft is rejected, and the recovered token is drawn from p itself."""
+    samples, vocab = 20_000, 6
+    q0 = [0.3, 0.2, 0.2, 0.2, 0.0991, 0.0009]
+    p0 = [0.3, 0.2, 0.2, 0.2, 0.0991, 0.0]
+    ids = torch.full((samples, 1), 5)
+    draft_probs = torch.tensor([q0]).expand(samples, 1, vocab).contiguous()
+    target_probs = torch.tensor([p0, [1 / vocab] * vocab]).expand(samples, 2, vocab).contiguous()
+    rule = "when max(0, p - q) sums to 0, draw the recovered token from p itself"
+    try:
+        out = spec.rejection_sample(ids, draft_probs, target_probs, generator=torch.Generator().manual_seed(4))
+    except Exception as error:  # noqa: BLE001  (what the student's code raised is the finding)
+        pytest.fail(f"rejection_sample raised {type(error).__name__}: {error}: {rule}", pytrace=False)
+    assert bool((out[:, 1] == PAD).all()), f"p(5) = 0: draft token 5 can never be kept, got rows {out[:3].tolist()}"
+    expected = torch.tensor(p0) / sum(p0)
+    stat, df, passes = chi_square(out[:, 0].clamp(min=0), expected)
+    assert passes, (
+        f"the recovered tokens must be distributed as p {histogram_of(expected)}, got "
+        f"{histogram(out[:, 0].clamp(min=0), vocab)} ({verdict(stat, df)}): {rule}"
     )
 
 
@@ -251,16 +296,33 @@ def test_a_seeded_generator_fixes_the_result(spec):
     )
 
 
+def with_negative_entry(probs: torch.Tensor) -> torch.Tensor:
+    """The same rows with request 0's row 0 replaced by [1.5, -0.5, 0, ...]: it still sums to 1."""
+    bad = probs.clone()
+    bad[0, 0] = 0
+    bad[0, 0, :2] = torch.tensor([1.5, -0.5])
+    return bad
+
+
 def bad_rejection_inputs():
     p, q = SCENARIOS["random p and q"]
     ids, dp, tp = draw(p, q, samples=4)
+    vocab = p.shape[1]
+    at_vocab = ids.clone()
+    at_vocab[0, 0] = vocab  # one id exactly V: the first one out of range
     return {
         "draft_probs with another k": (ids, dp[:, :1], tp),
         "target_probs with k rows instead of k+1": (ids, dp, tp[:, :2]),
         "vocabularies that differ": (ids, dp, torch.cat([tp, torch.zeros(4, 3, 1)], -1)),
-        "probabilities that do not sum to 1": (ids, dp * 0.5, tp),
-        "logits instead of probabilities": (ids, dp.log(), tp),
+        "draft ids for 3 requests, probabilities for 4": (ids[:3], dp, tp),
+        "draft_probs that do not sum to 1": (ids, dp * 0.5, tp),
+        "target_probs that do not sum to 1": (ids, dp, tp * 0.5),
+        "draft logits instead of probabilities": (ids, dp.log(), tp),
+        "target logits instead of probabilities": (ids, dp, tp.log()),
+        "a draft row with a negative entry that still sums to 1": (ids, with_negative_entry(dp), tp),
+        "a target row with a negative entry that still sums to 1": (ids, dp, with_negative_entry(tp)),
         "negative token ids": (ids - 10, dp, tp),
+        "a token id equal to V (ids must be < V)": (at_vocab, dp, tp),
         "token ids past the vocabulary": (ids + 6, dp, tp),
         "k < 1": (ids[:, :0], dp[:, :0], tp[:, :1]),
     }
@@ -269,8 +331,8 @@ def bad_rejection_inputs():
 @pytest.mark.parametrize("mistake", list(bad_rejection_inputs()))
 def test_rejection_sample_rejects_bad_input(spec, mistake):
     args = bad_rejection_inputs()[mistake]
-    with pytest.raises(ValueError):
-        spec.rejection_sample(*args, generator=torch.Generator().manual_seed(0))
+    expect_error(ValueError, lambda: spec.rejection_sample(*args, generator=torch.Generator().manual_seed(0)),
+                 f"rejection_sample with {mistake}")  # fmt: skip
 
 
 # --- greedy_verify ----------------------------------------------------------------------------------------------
@@ -297,6 +359,10 @@ def greedy_reference(draft, best, mistake=None) -> list[list[int]]:
         if mistake == "count":  # every match counted, wherever it is: the first that many drafts come out
             i = sum(x == y for x, y in zip(d, b[:k], strict=True))
             out = list(d[:i])
+        if mistake == "min":  # one count for the whole batch: the smallest
+            matched = [next((j for j in range(k) if dd[j] != bb[j]), k) for dd, bb in zip(draft, best, strict=True)]
+            i = min(matched)
+            out = list(d[:i])
         if mistake == "row" and i == k:
             out.append(b[k])
         elif mistake == "no bonus" and i == k:
@@ -316,6 +382,7 @@ GREEDY_MISTAKES = {
     "count": "drafts kept past the first mismatch: every match was counted, but the kept prefix must stop at the first "
     "mismatch (a cumulative product)",
     "pad 0": "rows padded with 0 instead of -1 (0 is a token id)",
+    "min": "one kept count for the whole batch (the smallest): each row keeps its own number of drafts",
 }
 
 
@@ -326,11 +393,15 @@ def check_greedy(spec, draft, best):
     assert isinstance(got, torch.Tensor) and got.dtype == torch.int64 and tuple(got.shape) == shape, (
         f"greedy_verify must return [B, k+1] int64, got {getattr(got, 'shape', type(got).__name__)}"
     )
-    named = [text for key, text in GREEDY_MISTAKES.items() if got.tolist() == greedy_reference(draft, best, key)]
+    named = {text for key, text in GREEDY_MISTAKES.items() if got.tolist() == greedy_reference(draft, best, key)}
     assert got.tolist() == expected, (
         f"drafts {draft} against target argmaxes {best}: expected {expected}, got {got.tolist()}."
-        + (f" This looks like: {named[0]}." if named else "")
+        + (f" This looks like: {named.pop()}." if len(named) == 1 else "")  # named only when one mistake fits
     )
+
+
+def test_greedy_counts_each_rows_kept_drafts_on_its_own(spec):
+    check_greedy(spec, [[1, 2, 3], [1, 2, 0], [1, 0, 0]], [[1, 2, 3, 4]] * 3)
 
 
 def test_greedy_keeps_matching_drafts_then_the_targets_token(spec):
@@ -347,20 +418,28 @@ def test_greedy_adds_the_bonus_token_when_all_drafts_match(spec):
     check_greedy(spec, [[5, 0], [3, 3]], [[5, 0, 2], [3, 3, 1]])
 
 
-@pytest.mark.parametrize(
-    "mistake",
-    ["logits with k rows instead of k+1", "vocabulary smaller than a token id", "negative token ids", "k < 1"],
-)
+GREEDY_BAD_INPUT = [
+    "logits with k rows instead of k+1",
+    "vocabulary smaller than a token id",
+    "a token id equal to V (ids must be < V)",
+    "negative token ids",
+    "k < 1",
+    "draft ids for 2 requests, logits for 1",
+]
+
+
+@pytest.mark.parametrize("mistake", GREEDY_BAD_INPUT)
 def test_greedy_verify_rejects_bad_input(spec, mistake):
     ids, logits = torch.tensor([[1, 2, 3]]), logits_with_argmax([[1, 2, 3, 4]])
     bad = {
         "logits with k rows instead of k+1": (ids, logits[:, :3]),
         "vocabulary smaller than a token id": (ids + 4, logits),
+        "a token id equal to V (ids must be < V)": (torch.tensor([[1, 6, 3]]), logits),
         "negative token ids": (ids - 2, logits),
         "k < 1": (ids[:, :0], logits[:, :1]),
+        "draft ids for 2 requests, logits for 1": (ids.repeat(2, 1), logits),
     }[mistake]
-    with pytest.raises(ValueError):
-        spec.greedy_verify(*bad)
+    expect_error(ValueError, lambda: spec.greedy_verify(*bad), f"greedy_verify with {mistake}")
 
 
 # --- speculative_generate on the course model (CPU, fp32) ----------------------------------------------------------
@@ -667,6 +746,26 @@ def test_greedy_with_the_models_as_handed_over(spec, target, drafts, hf_target):
     check_stats(stats, k, new, "trained draft", int(stats["target_forwards"]))
 
 
+END_OF_FILE_PROMPT = "if __name__ == '__main__':\n    main()\n"  # the target's next token is <eos>
+
+
+def test_greedy_goes_on_past_end_of_sequence(spec, target, drafts, hf_target):
+    """No end-of-sequence rule: <eos> (257) is a token like any other here; the output is the target's own greedy
+    tokens, exactly max_new_tokens of them, past <eos> too (a caller that stops at <eos> cuts the output itself)."""
+    ids, new = encode(END_OF_FILE_PROMPT), 12
+    expected = target_greedy(hf_target, ids, new)
+    assert expected[0] == EOS, f"the course model's first token after this prompt is <eos>, got {expected[0]}"
+    tokens, _ = spec.speculative_generate(target, drafts["trained draft"], ids, new, 4)
+    got = tokens[0].tolist()
+    stopped = got[0] == EOS and len(set(got[1:])) == 1
+    assert got == expected, (
+        f"after a prompt that ends a file, greedy speculative decoding must give the target's own {new} tokens: "
+        f"expected {expected}, got {got}"
+        + (": generation does not stop at <eos>; it returns max_new_tokens tokens, whatever they are" if stopped
+           else "")
+    )  # fmt: skip
+
+
 def test_sampling_with_draft_equal_to_target_keeps_every_draft(spec, target, drafts):
     ids = prompt(2)
     runs = []
@@ -678,10 +777,20 @@ def test_sampling_with_draft_equal_to_target_keeps_every_draft(spec, target, dra
         f"sampled tokens must be [1, 24] ids in [0, {target.vocab_size}), got {tokens.tolist()}"
     )
     assert torch.equal(tokens, again), "two runs with the same generator seed differ: pass `generator` to every draw"
-    assert int(stats["accepted"]) >= int(stats["drafted"]) - 1, (
+    if int(stats["accepted"]) >= int(stats["drafted"]) - 1:
+        return
+    sequence = torch.cat([ids, tokens], dim=1)
+    best = target.forward(sequence, target.new_cache(1, sequence.shape[1]))[0, ids.shape[1] - 1 : -1].argmax(-1)
+    only_argmax = torch.equal(best, tokens[0])  # a sampled run of 24 tokens that are all argmaxes: not by chance
+    pytest.fail(
         "at temperature 1 with the draft equal to the target, p == q up to rounding, so (nearly) every draft is kept: "
-        f"accepted {stats['accepted']} of {stats['drafted']}. Are the draft's probabilities q the ones its tokens were "
-        "sampled from, and p = softmax(target logits / temperature) on the same rows?"
+        f"accepted {stats['accepted']} of {stats['drafted']}. "
+        + ("Every token that came out is the target's argmax: sampled drafts were verified by greedy_verify's rule; "
+           "at temperature > 0 verification is rejection_sample's (keep x with probability min(1, p(x)/q(x)))"
+           if only_argmax else
+           "Are the draft's probabilities q the ones its tokens were sampled from, and p = softmax(target logits / "
+           "temperature) on the same rows?"),
+        pytrace=False,
     )
 
 
@@ -720,10 +829,43 @@ def pair_distribution(first: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (first[:, None, None] * rows[:, :, None] * rows[None]).sum(0).flatten()
 
 
-def sampled_pairs(spec, samples: int, temperature: float, seed: int) -> torch.Tensor:
+def loop_pairs(first, sampled, passed, verify, greedy=False) -> torch.Tensor:
+    """P(y2, y3) flattened, worked out exactly for the loop on bigram models with k = 2 (3 new tokens after [0]):
+    y1 ~ first (the prefill); in each round the draft samples from the rows `sampled`, hands the rows `passed` to
+    verification as q, and verification keeps or replaces drafts with the rows `verify` as p, by the rejection rule
+    (greedy=True: by greedy_verify's rule). Right: sampled = passed = the draft's tempered rows, verify = the
+    target's; then this is pair_distribution(first, verify). A mistake is another choice of rows or rule."""
+    vocab = len(first)
+
+    def keep(c, d):  # P(keep draft d after token c)
+        if greedy:
+            return float(d == int(verify[c].argmax()))
+        return min(1.0, float(verify[c, d] / passed[c, d]))
+
+    def replacement(c):  # the token emitted at a rejection after token c
+        if greedy:
+            return torch.nn.functional.one_hot(verify[c].argmax(), vocab).double()
+        residual = (verify[c] - passed[c]).clamp(min=0)
+        return residual / residual.sum() if residual.sum() > 0 else verify[c]
+
+    def first_of_a_round(c):  # the first token a round emits after token c
+        kept = torch.tensor([sampled[c, d] * keep(c, d) for d in range(vocab)], dtype=torch.float64)
+        return kept + (1 - kept.sum()) * replacement(c)
+
+    joint = torch.zeros(vocab, vocab, dtype=torch.float64)
+    for y1 in range(vocab):
+        for d1 in range(vocab):
+            weight, kept = first[y1] * sampled[y1, d1], keep(y1, d1)
+            joint[d1] += weight * kept * first_of_a_round(d1)  # d1 kept: y3 is the round's next token
+            joint += weight * (1 - kept) * replacement(y1)[:, None] * torch.stack(  # rejected: y3 opens a new round
+                [first_of_a_round(y2) for y2 in range(vocab)])
+    return joint.flatten()
+
+
+def sampled_pairs(spec, samples: int, temperature: float, seed: int, draft=TOY_DRAFT) -> torch.Tensor:
     """y2 * 4 + y3 for `samples` runs of the loop (toy bigram models, k = 2, 3 new tokens after the prompt [0])."""
     generator = torch.Generator().manual_seed(seed)
-    target, draft = Bigram(TOY_TARGET), Bigram(TOY_DRAFT)
+    target, draft = Bigram(TOY_TARGET), Bigram(draft)
     pairs = []
     for _ in range(samples):
         tokens, _ = spec.speculative_generate(target, draft, torch.tensor([[0]]), 3, 2, temperature, generator)
@@ -739,21 +881,30 @@ def pair_statistic(got: torch.Tensor, joint: torch.Tensor) -> float:
 PAIR_CRITICAL = 56.49  # 16 cells, 15 degrees of freedom: chi-square critical value at a false-failure rate of 1e-6
 
 
-def check_pairs(got: torch.Tensor, temperature: float, advice: str) -> None:
+def check_pairs(got: torch.Tensor, temperature: float, draft=TOY_DRAFT) -> None:
     """The 2nd and 3rd tokens must follow the target at `temperature`; name a mistake whose distribution fits."""
-    t = tempered(TOY_TARGET, temperature)
+    t, q = tempered(TOY_TARGET, temperature), tempered(draft, temperature)
     joint = pair_distribution(t[0], t)  # P(y2, y3) after the prompt [0]
     stat = pair_statistic(got, joint)
     if stat < PAIR_CRITICAL:
         return
-    untempered = tempered(TOY_TARGET, 1.0)
     greedy_first = torch.zeros(4, dtype=torch.float64)
     greedy_first[int(t[0].argmax())] = 1
     mistakes = {  # every distribution a mistake gives that differs from the right one here
-        "the first token (after the prefill) taken by argmax instead of sampled": pair_distribution(greedy_first, t),
+        "the first token (after the prefill) taken by argmax instead of sampled": loop_pairs(greedy_first, q, q, t),
         "the target's probabilities in the verification not divided by the temperature (p = softmax(logits / "
-        "temperature), like the draft's q)": pair_distribution(t[0], untempered),
-    }
+        "temperature), like the draft's q)": loop_pairs(t[0], q, q, tempered(TOY_TARGET, 1.0)),
+        "the target's logits divided by the temperature twice in the verification (p = softmax(logits / "
+        "temperature), once)": loop_pairs(t[0], q, q, tempered(TOY_TARGET, temperature**2)),
+        "the draft samples at the temperature but hands rejection_sample its untempered probabilities: q must be "
+        "the distribution its tokens were drawn from, softmax(logits / temperature)": loop_pairs(
+            t[0], q, tempered(draft, 1.0), t),
+        "verification by greedy_verify's rule at temperature > 0: sampled drafts are verified by rejection_sample "
+        "(keep x with probability min(1, p(x)/q(x)))": loop_pairs(t[0], q, q, t, greedy=True),
+        "the draft takes its argmax instead of sampling: the draft samples its tokens from q = softmax(logits / "
+        "temperature), the rows it hands over": loop_pairs(
+            t[0], torch.nn.functional.one_hot(q.argmax(-1), len(q)).double(), q, t),
+    }  # fmt: skip
     fits = [name for name, dist in mistakes.items() if (dist - joint).abs().max() > 1e-6
             and pair_statistic(got, dist) < PAIR_CRITICAL]  # fmt: skip
     samples = len(got)
@@ -762,8 +913,10 @@ def check_pairs(got: torch.Tensor, temperature: float, advice: str) -> None:
         f"at temperature {temperature}, the 2nd and 3rd sampled tokens (pairs, 16 cells) must follow the target: "
         f"expected {[round(x, 3) for x in joint.tolist()]}, got {[round(x, 3) for x in (counts / samples).tolist()]} "
         f"(chi-square {stat:.1f}, 15 degrees of freedom, critical {PAIR_CRITICAL}). "
-        + (f"This looks like: {fits[0]}. " if len(fits) == 1 else "")
-        + advice,
+        + (f"This looks like: {fits[0]}." if len(fits) == 1 else
+           "Check that every distribution is softmax(logits / temperature), the temperature applied once (the "
+           "prefill's, the draft's and the verify pass's), that rejection_sample gets the q rows the draft sampled "
+           "from and the verify pass's rows as p"),
         pytrace=False,
     )
 
@@ -771,22 +924,19 @@ def check_pairs(got: torch.Tensor, temperature: float, advice: str) -> None:
 def test_sampled_tokens_follow_the_target_end_to_end(spec):
     """Sampling through the whole loop (toy bigram models, k = 2): tokens 2 and 3 come out of a verification round,
     and their joint distribution must be the target's, whatever the draft."""
-    check_pairs(
-        sampled_pairs(spec, 3000, 1.0, seed=5),
-        1.0,
-        "Check that the draft samples its tokens from q = softmax(logits / temperature), that rejection_sample gets "
-        "those q rows, and the verify pass's rows as p",
-    )
+    check_pairs(sampled_pairs(spec, 3000, 1.0, seed=5), 1.0)
+
+
+# A draft whose rows each put 0.85 on one token: tempering moves them far (0.85 becomes 0.99 at temperature 0.5), so
+# a q that is not the one the draft sampled from shows within 1500 runs (an expected chi-square above 250).
+PEAKED_DRAFT = [[0.05, 0.85, 0.05, 0.05], [0.85, 0.05, 0.05, 0.05], [0.05, 0.05, 0.85, 0.05], [0.85, 0.05, 0.05, 0.05]]
 
 
 def test_sampling_divides_both_models_logits_by_the_temperature(spec):
-    """The same at temperature 2: the target's distribution is softmax(logits / 2), in the prefill and in every
-    verification (the rule keeps the output exact whatever q is, as long as q is what the draft sampled from)."""
-    check_pairs(
-        sampled_pairs(spec, 2000, 2.0, seed=6),
-        2.0,
-        "Divide the logits by the temperature before every softmax: the prefill's, the draft's and the verify pass's",
-    )
+    """The same at temperature 0.5, with a peaked draft: every distribution is softmax(logits / 0.5), the target's in
+    the prefill and in every verification, and the draft's both for sampling and as the q it hands over (the rule
+    keeps the output exact whatever q is, as long as q is what the draft sampled from)."""
+    check_pairs(sampled_pairs(spec, 1500, 0.5, seed=6, draft=PEAKED_DRAFT), 0.5, PEAKED_DRAFT)
 
 
 @pytest.mark.parametrize(
@@ -797,6 +947,9 @@ def test_sampling_divides_both_models_logits_by_the_temperature(spec):
         "a batch of two prompts",
         "no new tokens",
         "negative ids",
+        "ids past the vocabulary",
+        "an int32 prompt",
+        "a negative temperature",
         "past max positions",
     ],
 )
@@ -814,10 +967,24 @@ def test_speculative_generate_rejects_bad_input(spec, target, drafts, mistake):
         "a batch of two prompts": (target, drafts["trained draft"], ids.repeat(2, 1), 4, 2),
         "no new tokens": (target, drafts["trained draft"], ids, 0, 2),
         "negative ids": (target, drafts["trained draft"], ids - 300, 4, 2),
+        "ids past the vocabulary": (target, drafts["trained draft"], ids.clamp(max=0) + target.vocab_size, 4, 2),
+        "an int32 prompt": (target, drafts["trained draft"], ids.int(), 4, 2),
+        "a negative temperature": (target, drafts["trained draft"], ids, 4, 2, -1.0),
         "past max positions": (target, drafts["trained draft"], ids, target.max_positions, 2),
     }[mistake]
-    with pytest.raises(ValueError):
-        spec.speculative_generate(*args)
+    expect_error(ValueError, lambda: spec.speculative_generate(*args), f"speculative_generate with {mistake}")
+
+
+def test_speculative_generate_checks_max_positions_itself(spec):
+    """A model whose cache does not check its own positions: prompt + max_new_tokens + k past its 64 positions must
+    be refused by speculative_generate, not run past the end."""
+    target, draft = Bigram(TOY_TARGET), Bigram(TOY_DRAFT)
+    expect_error(
+        ValueError,
+        lambda: spec.speculative_generate(target, draft, torch.tensor([[0]]), 64, 2),
+        "1 prompt token + 64 new tokens + k = 2 is 67 positions, past the toy models' max_positions = 64: "
+        "speculative_generate must check it itself (ValueError)",
+    )
 
 
 # --- speed (GPU): ratios measured in this run, thresholds in thresholds.toml ----------------------------------------

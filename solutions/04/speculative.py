@@ -71,7 +71,9 @@ def _rejection_sample(ids, draft_probs, target_probs, generator) -> torch.Tensor
     residual = (target_probs.float().gather(1, row) - draft_probs.float().gather(1, row)).clamp_min(0).squeeze(1)
     bonus = target_probs[:, k].float()
     final = torch.where((accepted == k)[:, None], bonus, residual)
-    empty = final.sum(-1, keepdim=True) <= 0  # p == q at a rejection cannot happen; guard anyway
+    # An empty residual (p <= q everywhere: only through rounding, as p and q each sum to 1 within the tolerance)
+    # falls back to p itself, the stub's rule.
+    empty = final.sum(-1, keepdim=True) <= 0
     final = torch.where(empty, target_probs.float().gather(1, row).squeeze(1), final)
     last = torch.multinomial(final, 1, generator=generator).squeeze(1)  # [B]
     return _assemble(ids, accepted, last)
@@ -84,10 +86,7 @@ def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor) ->
     draft_token_ids [B, k] int64; target_logits [B, k+1, V] (row i scores position i).
     """
     shape = target_logits.shape if isinstance(target_logits, torch.Tensor) else None
-    batch, k, vocab = _check_draft(draft_token_ids, shape, extra=1)
-    if target_logits.dim() != 3 or tuple(target_logits.shape) != (batch, k + 1, vocab):
-        raise ValueError(f"greedy_verify: target_logits must be [B={batch}, k+1={k + 1}, V], got "
-                         f"{list(target_logits.shape)}")  # fmt: skip
+    batch, k, _ = _check_draft(draft_token_ids, shape, extra=1)  # target_logits' shape too: [B, k + 1, V]
     ids = draft_token_ids.long()
     best = target_logits.argmax(-1)  # [B, k+1]
     accepted = (ids == best[:, :k]).long().cumprod(dim=1).sum(dim=1)
@@ -298,7 +297,7 @@ def _check_generate(target, draft, input_ids, max_new_tokens, k, temperature) ->
         raise ValueError(f"the draft's vocabulary ({draft.vocab_size}) differs from the target's ({target.vocab_size})")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, T] (one request), got {getattr(input_ids, 'shape', None)}")
-    if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.shape[1] < 1:
+    if input_ids.dtype != torch.int64 or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must hold at least one int64 token id, got {input_ids.dtype}")
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= target.vocab_size:
         raise ValueError(f"input_ids must lie in [0, {target.vocab_size})")

@@ -536,6 +536,18 @@ def test_without_prefix_caching_nothing_is_hashed_or_reused(bm):
     assert cached == 0 and manager.hit_rate == 0.0
 
 
+def test_without_prefix_caching_decode_fills_blocks_and_goes_on(bm):
+    """A serving engine with prefix caching off still decodes past block boundaries: a block that fills is hashed by
+    nobody, and the next token takes a new block."""
+    manager = pool(bm, caching=False)
+    manager.allocate("a", tokens(100, 3))
+    for token in range(103, 110):  # fills block 1 at token 4 and block 2 at token 8
+        manager.append_token("a", token)
+    assert len(manager.block_table("a")) == 3, f"10 tokens in blocks of 4 take 3 blocks, got {manager.block_table('a')}"
+    assert all(manager.cached_hash(b) is None for b in range(8)), "with prefix caching off, no block is hashed"
+    assert manager.num_free_blocks == 5
+
+
 # --- bad input: a clear ValueError, and nothing changed ----------------------------------------------------------
 
 

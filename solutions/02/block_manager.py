@@ -216,7 +216,7 @@ class BlockManager:
             seq.blocks[-1] = self._take_free_block()
             copy = (source.block_id, seq.blocks[-1].block_id)
         seq.token_ids.append(token)
-        if (position + 1) % size == 0:
+        if (position + 1) % size == 0 and self.enable_prefix_caching:  # a block just filled: cache it
             parent = seq.hashes[-1] if seq.hashes else None
             seq.hashes += self._chain(seq.token_ids, seq.extra_key, parent=parent, start=position + 1 - size)
             self._cache(seq.blocks[-1], seq.hashes[-1])

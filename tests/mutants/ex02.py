@@ -82,4 +82,7 @@ MUTANTS = [
     Mutant("usage counts the free blocks", F,
            "        return 1.0 - len(self.free_queue) / self.num_blocks", "        return len(self.free_queue) / self.num_blocks",
            "usage"),
+    Mutant("a block filled during decode is hashed even with prefix caching off", F,
+           "        if (position + 1) % size == 0 and self.enable_prefix_caching:  # a block just filled: cache it",
+           "        if (position + 1) % size == 0:", "without_prefix_caching_decode"),
 ]

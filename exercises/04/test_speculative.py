@@ -874,8 +874,12 @@ def sampled_pairs(spec, samples: int, temperature: float, seed: int, draft=TOY_D
 
 
 def pair_statistic(got: torch.Tensor, joint: torch.Tensor) -> float:
-    counts = torch.bincount(got, minlength=16).double()
-    return float(((counts - len(got) * joint) ** 2 / (len(got) * joint)).sum())
+    """Chi-square of the observed pairs against `joint`; infinite if a pair of probability 0 came out."""
+    counts, expected = torch.bincount(got, minlength=16).double(), len(got) * joint
+    if bool((counts[expected == 0] > 0).any()):
+        return math.inf
+    support = expected > 0
+    return float(((counts - expected)[support] ** 2 / expected[support]).sum())
 
 
 PAIR_CRITICAL = 56.49  # 16 cells, 15 degrees of freedom: chi-square critical value at a false-failure rate of 1e-6

@@ -297,7 +297,7 @@ def test_each_forgery_scores_only_what_it_earned(forged, exercise):
 
 def test_the_forged_run_ends_and_no_helper_outlives_it(forged):
     assert forged["code"] == 0 and forged["elapsed"] < 900, f"the forged run took {forged['elapsed']:.0f} s"
-    time.sleep(max(0.0, 3.5 - forged["elapsed"]))
+    time.sleep(2)  # the helper writes a second after its test process is gone, if it is still alive
     assert not Path(str(forged["forge"]) + "-isolated").exists(), "a helper forked in the sandbox outlived the run"
 
 

@@ -30,15 +30,16 @@ def quantize_e4m3(t: torch.Tensor, per_row: bool = True, scale: torch.Tensor | N
         raise TypeError(f"quantize_e4m3: expected a 2-d floating-point tensor [R, C], got {_describe(t)}")
     rows = t.shape[0] if per_row else 1
     if scale is None:
-        amax = t.abs().amax(dim=1, keepdim=True) if per_row else t.abs().amax().reshape(1, 1)
-        scale = amax.float().clamp_min(SCALE_FLOOR) / E4M3_MAX
+        # One pass over t (no |t| temporary): the activations are quantized inside every timed prefill call.
+        amax = torch.linalg.vector_norm(t, ord=float("inf"), dim=1 if per_row else None, keepdim=per_row)
+        scale = amax.float().reshape(rows, 1).clamp_min(SCALE_FLOOR) / E4M3_MAX
     elif (not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (rows, 1) or not scale.dtype.is_floating_point
           or not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all())):  # fmt: skip
         raise ValueError(f"quantize_e4m3: a given scale must be positive and finite, shape [{rows}, 1], got "
                          f"{_describe(scale)}")  # fmt: skip
     scale = scale.float()
     # Saturate: a static (given) scale meets values beyond its range, and e4m3fn has no infinity to round them to.
-    codes = (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+    codes = (t / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(FP8)  # t / scale is float32: t's dtype promotes
     return codes, scale
 
 

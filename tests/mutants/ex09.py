@@ -104,12 +104,14 @@ MUTANTS = [
            "is not 2 X^T X / n", ("-k", "measure or quantize_mixed")),
     # --- FP8 ------------------------------------------------------------------------------------------------------
     Mutant("scale = max|row|, not max|row| / 448", F,
-           "        scale = amax.float().clamp_min(SCALE_FLOOR) / E4M3_MAX",
-           "        scale = amax.float().clamp_min(SCALE_FLOOR)",
+           "        scale = amax.float().reshape(rows, 1).clamp_min(SCALE_FLOOR) / E4M3_MAX",
+           "        scale = amax.float().reshape(rows, 1).clamp_min(SCALE_FLOOR)",
            "not max|row| / 448", ("-k", "scaled_by")),
     Mutant("per-row scales over the columns", F,
-           "        amax = t.abs().amax(dim=1, keepdim=True) if per_row else t.abs().amax().reshape(1, 1)",
-           "        amax = t.abs().amax(dim=0, keepdim=True) if per_row else t.abs().amax().reshape(1, 1)",
+           "        amax = torch.linalg.vector_norm(t, ord=float(\"inf\"), dim=1 if per_row else None, keepdim=per_row)\n"
+           "        scale = amax.float().reshape(rows, 1).clamp_min(SCALE_FLOOR) / E4M3_MAX",
+           "        amax = t.abs().amax(dim=0, keepdim=True) if per_row else t.abs().amax().reshape(1, 1)\n"
+           "        scale = amax.float().clamp_min(SCALE_FLOOR) / E4M3_MAX",
            "one scale per column", ("-k", "scaled_by or fp8_linear")),
     Mutant("activations quantized per tensor whatever per_token says", F,
            "    x_codes, x_scale = quantize_e4m3(x, per_row=per_token)",

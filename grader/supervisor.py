@@ -18,16 +18,16 @@ ours: the child is killed, the test in flight scores 0 and the rest of the batch
 after `done` (an atexit hook) are rejected and noted, and change nothing. A child after which the course's files
 changed (grader/sandbox.py) has none of its results accepted, and no further child is started.
 
-What remains possible, and why: the student's code runs in the same interpreter as the tests, so it can read
-anything the test process holds, the channel's key included, and it can patch pytest or the grader in ways that undo
-themselves before the guard looks (grader/guard.py). A submission written against this grader's internals, that
-digs the key out of memory and writes well-formed records in the right order, can forge results; so can one that
-rewrites the test process's view of a comparison only for the duration of the call. Closing that needs the code
-under test in a process of its own, answering calls from the tests over a pipe, which this kit does not do (the
-tests hand tensors and models back and forth by reference). What this design guarantees is that the grade cannot be
-changed after the fact (files, atexit hooks, forked helpers), by a crash or a hang, by replacing a helper for more
-than a phase, or by anything a generic cheat (not one written against this grader) does. Run the test processes as
-another user (`--run-as`) so that they cannot write the grader, the installed packages or the results either.
+What remains possible, and why: where the student's code runs in the test process itself (the exercises that
+grader/isolation.py does not list, and every exercise's speed tests and in-process instrumented tests), it can read
+anything that process holds, the channel's key included, and it can patch pytest or the grader in ways that undo
+themselves before the guard looks (grader/guard.py). A submission written against this grader's internals can forge
+those results. The isolated exercises close that: their student module runs in a sandbox process that holds no key
+and cannot reach the test process (grader/sandbox_process.py), and their in-process tests earn points only when
+every isolated correctness test passed. What this design guarantees everywhere is that the grade cannot be changed
+after the fact (files, atexit hooks, forked helpers), by a crash or a hang, by replacing a helper for more than a
+phase, or by anything a generic cheat (not one written against this grader) does. Run the test processes as another
+user (`--run-as`) so that they cannot write the grader, the installed packages or the results either.
 """
 
 from __future__ import annotations

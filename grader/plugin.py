@@ -111,7 +111,8 @@ def pytest_configure(config: pytest.Config) -> None:
         from .sandbox_process import Sandbox
 
         impls.sandbox = config.stash[SANDBOX] = Sandbox(config.rootpath)
-        config.pluginmanager.register(ChildReporter(config, impls), "inferlab-reporter")
+        reporter = ChildReporter(config, impls, config.stash[SCORES], config.stash[POISONED])
+        config.pluginmanager.register(reporter, "inferlab-reporter")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

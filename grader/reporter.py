@@ -22,6 +22,7 @@ from . import limits
 from .channel import CHANNEL_FD_ENV, KEY_FD_ENV, PLAN_ENV, TRACEBACK_FD_ENV, Sender
 from .confine import confine_writes
 from .impl import Implementations
+from .scoring import Scoreboard
 
 MEMORY_LIMIT_ENV = "INFERLAB_GRADER_MEMORY_LIMIT"  # bytes of address space for the test process (CPU-only runs)
 
@@ -35,11 +36,9 @@ def _read_key(fd: int) -> bytes:
 
 
 class ChildReporter:
-    def __init__(self, config: pytest.Config, impls: Implementations):
-        from .plugin import POISONED, SCORES
-
-        self._scores = config.stash[SCORES]
-        self._poisoned = config.stash[POISONED]
+    def __init__(self, config: pytest.Config, impls: Implementations, scores: Scoreboard, poisoned: list):
+        self._scores = scores  # the plugin's: this module never imports the plugin (no import cycle)
+        self._poisoned = poisoned
         self._sender = Sender(int(os.environ.pop(CHANNEL_FD_ENV)), _read_key(int(os.environ.pop(KEY_FD_ENV))))
         self._tracebacks = os.fdopen(int(os.environ.pop(TRACEBACK_FD_ENV)), "w")
         faulthandler.enable(file=self._tracebacks, all_threads=False)

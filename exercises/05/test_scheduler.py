@@ -579,6 +579,8 @@ traces = st.lists(
 )
 # A blocked head without chunking, with a short request behind it that must not overtake it:
 @example(lengths=[(0.0, 5, 1), (0.0, 8, 1), (0.0, 3, 1)], budget=10, seqs=4, blocks=64, block_size=4, chunked=False)
+# A victim whose recomputation would fit a chunk of the budget left, in the step that preempted it:
+@example(lengths=[(0.0, 2, 5), (0.005, 10, 6)], budget=8, seqs=3, blocks=4, block_size=4, chunked=True)
 def test_random_traces_keep_every_invariant(sched, lengths, budget, seqs, blocks, block_size, chunked):
     now, trace = 0.0, []
     for gap, prompt, output in lengths:

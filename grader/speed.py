@@ -135,7 +135,8 @@ class Speed(Judge):
 
 
 class HostSpeed(Judge):
-    """Times host (CPU) work: `time.perf_counter`, garbage collector paused, warm-up, fresh inputs, medians."""
+    """Times host (CPU) work: `time.perf_counter`, garbage collector paused, warm-up, fresh inputs; ratios of host
+    timings use each side's best round (`Timing.best`), which a busy machine does not move."""
 
     @property
     def hardware(self) -> str:

@@ -9,7 +9,9 @@ does not run out of time. A hang that burns no CPU (a deadlock, a sleep) is caug
 Every graded test gets a limit for its setup and its call together:
 - `--test-timeout` seconds (DEFAULT_TEST_LIMIT unless set; 0 turns limits off; GPU speed tests get SPEED_FACTOR times
   that), raised for a test that is long by design by `@pytest.mark.time_limit(s)`;
-- tightened to what the test normally costs where that is known: `recorded_times.json` beside each exercise's tests
+- tightened, for a correctness test, to what it normally costs where that is known (a speed test keeps its limit:
+  its time grows with the code it times, and its ratio must be what judges slow code): `recorded_times.json` beside
+  each exercise's tests
   holds the reference solution's CPU time for each test (`python -m grader.times`), and the limit becomes
   TIME_FACTOR times that, scaled by how fast this machine is (`machine_scale`: a fixed calibration loop timed here
   against the machine that recorded), and never below FLOOR. So a student whose function loops forever loses a few
@@ -75,7 +77,9 @@ def limit_of(item, default: float) -> float:
         limit = float(marker.args[0] if marker.args else marker.kwargs["seconds"])
         if limit <= 0:
             raise ValueError(f"{item.nodeid}: time_limit must be positive seconds, got {limit:g}")
-    recorded = recorded_time(Path(str(item.path)).parent, item.nodeid)
+    # A speed test's time grows with the code it times by design: its ratio, not its limit, must judge slow code.
+    timed = {"speed", "host_speed"} & set(getattr(item, "fixturenames", ()))
+    recorded = None if timed else recorded_time(Path(str(item.path)).parent, item.nodeid)
     if limit and recorded is not None:
         limit = min(limit, round(max(FLOOR, TIME_FACTOR * recorded * machine_scale()), 1))
     return limit

@@ -3,8 +3,9 @@
 A mutant is the reference solution with one realistic mistake, written from the mistakes students make (not from the
 tests): a text replacement in one solution file. `run_mutant` copies the exercise's solutions into a temporary
 tree, applies the replacement, grades it with `pytest exercises/NN --impl=solution --solutions=<tree>` in a fresh
-process and reads the results file. A mutant is *caught* when some graded test fails, and *diagnosed* when a failing
-test's name or message contains the mutant's diagnosis (a phrase that names the mistake).
+process (forked by tests/forkserver.py, which has the libraries imported already) and reads the results file. A
+mutant is *caught* when some graded test fails, and *diagnosed* when a failing test's name or message contains the
+mutant's diagnosis (a phrase that names the mistake).
 
     python3 tests/mutation.py 02        # grade every mutant of exercise 02, print caught k/n, diagnosed d/n
 """
@@ -18,9 +19,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from forkserver import ForkServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MUTANTS_DIR = Path(__file__).resolve().parent / "mutants"
@@ -75,24 +79,36 @@ def unused_plugins(exercise: str) -> list[str]:
     return [arg for plugin in plugins for arg in ("-p", f"no:{plugin}")]
 
 
-def run_mutant(exercise: str, mutant: Mutant, timeout: float = 300) -> Verdict:
+def run_mutant(exercise: str, mutant: Mutant, timeout: float = 300, server: ForkServer | None = None) -> Verdict:
+    """Grade one mutant in a fresh process: a child of `server` (libraries imported already) or a new interpreter."""
     with tempfile.TemporaryDirectory(prefix=f"mutant{exercise}-") as tmp:
         tree = Path(tmp) / "solutions"
         shutil.copytree(ROOT / "solutions" / exercise, tree / exercise)
         (tree / exercise / mutant.file).write_text(mutated_source(exercise, mutant))
         results = Path(tmp) / "results.json"
-        command = [sys.executable, "-m", "pytest", f"exercises/{exercise}", "-q", "-p", "no:cacheprovider",
-                   "--impl=solution", f"--solutions={tree}", f"--results={results}", "-o", "addopts=",
-                   "-p", "mutation_stop", *unused_plugins(exercise), *mutant.pytest_args]  # fmt: skip
+        args = [f"exercises/{exercise}", "-q", "-p", "no:cacheprovider", "--impl=solution", f"--solutions={tree}",
+                f"--results={results}", "-o", "addopts=", "-p", "mutation_stop", *unused_plugins(exercise),
+                *mutant.pytest_args]  # fmt: skip
         # The run stops at the first failure that names the mistake (tests/mutation_stop.py): that is all we need.
         env = dict(os.environ, INFERLAB_SUMMARY="off", INFERLAB_MUTANT_DIAGNOSIS=mutant.diagnosis)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), env.get("PYTHONPATH")]))
-        try:
-            run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
+        tests_dir = str(Path(__file__).resolve().parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, env.get("PYTHONPATH")]))
+        log = Path(tmp) / "pytest.log"
+        if server is not None:
+            path = [tests_dir, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+            rc = server.run(args, cwd=str(ROOT), env=env, path=path, log=str(log), timeout=timeout)
+            output = log.read_text(errors="replace") if log.is_file() else ""
+        else:
+            try:
+                run = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=ROOT, env=env, capture_output=True,
+                                     text=True, timeout=timeout)  # fmt: skip
+                rc, output = run.returncode, run.stdout
+            except subprocess.TimeoutExpired:
+                rc = None
+        if rc is None:
             return Verdict(mutant, True, False, [], f"timed out after {timeout:.0f} s")
         if not results.is_file():
-            return Verdict(mutant, False, False, [], f"no results file; pytest said:\n{run.stdout[-2000:]}")
+            return Verdict(mutant, False, False, [], f"no results file; pytest said:\n{output[-2000:]}")
         tests = json.loads(results.read_text())["tests"]
     ran = [t for t in tests if not t["output"].startswith("not run")]  # the run stops once the mistake is named
     failed = [t for t in ran if t["max_score"] > 0 and t["score"] < t["max_score"]]
@@ -110,8 +126,22 @@ def gradable_mutants(exercise: str) -> list[Mutant]:
 
 
 def run_all(exercise: str, workers: int = 2) -> list[Verdict]:
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda m: run_mutant(exercise, m), gradable_mutants(exercise)))
+    """Every gradable mutant, `workers` at a time, each worker forking its runs from its own fork server (where the
+    system forks): the libraries are imported once per worker instead of once per mutant."""
+    local, servers = threading.local(), []
+
+    def grade(mutant: Mutant) -> Verdict:
+        if not hasattr(local, "server"):
+            local.server = ForkServer() if hasattr(os, "fork") else None
+            servers.append(local.server)
+        return run_mutant(exercise, mutant, server=local.server)
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(grade, gradable_mutants(exercise)))
+    finally:
+        for server in filter(None, servers):
+            server.close()
 
 
 def report(exercise: str, verdicts: list[Verdict]) -> str:

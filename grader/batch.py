@@ -49,7 +49,8 @@ from .gradebook import GRADED, LOST, NO_RESULTS, Gradebook, Record
 from .gradescope import stub_modules
 
 GRADER_HOME = Path(__file__).resolve().parent.parent
-NOT_SHIPPED = {"solutions", "tests", ".git", ".github", ".ci", "bench", "autograder"}  # at the course's root
+# At the course's root, besides every hidden folder (.git, .venv, an instructor's scratch space):
+NOT_SHIPPED = {"solutions", "tests", "bench", "autograder"}
 NEVER_SHIPPED = {"__pycache__", ".pytest_cache", ".benchmarks", ".hypothesis", ".ruff_cache", ".mypy_cache"}
 RESULT_FILES = ("results.json", "results.md", "results-roofline.png")
 LOG_TAIL = 20_000  # characters of the grader's output kept in grader.log
@@ -197,7 +198,8 @@ def pack_course(course: Path) -> tuple[bytes, str]:
             for directory, dirs, names in os.walk(tree):
                 here = Path(directory)
                 dirs[:] = sorted(d for d in dirs if d not in NEVER_SHIPPED and not d.endswith(".egg-info")
-                                 and not (here == course and d in NOT_SHIPPED))  # fmt: skip
+                                 and not (here / d / "pyvenv.cfg").exists()  # a virtual environment
+                                 and not (here == course and (d in NOT_SHIPPED or d.startswith("."))))  # fmt: skip
                 for name in sorted(names):
                     path = here / name
                     if path.suffix == ".pyc" or not path.is_file():

@@ -61,7 +61,8 @@ class ChildRun:
     tracebacks: str = ""
     rejected: list[str] = field(default_factory=list)
     after_done: list[str] = field(default_factory=list)
-    poisoned: bool = False
+    poisoned: bool = False  # the test process asked for a fresh one for the rest (see `fresh`: why)
+    fresh: str = ""
     done: bool = False  # the session finished normally (sent `done`)
 
 
@@ -251,6 +252,8 @@ class _Follower:
         run.results[nodeid] = result
         run.in_flight, run.importing = None, None
         run.poisoned = run.poisoned or bool(fields.get("poisoned"))
+        if fields.get("poisoned") and isinstance(fields.get("fresh"), str):
+            run.fresh = fields["fresh"][:200]
         self.position += 1
 
 

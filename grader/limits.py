@@ -14,8 +14,8 @@ Every graded test gets a limit for its setup and its call together:
   each exercise's tests
   holds the reference solution's CPU time for each test (`python -m grader.times`), and the limit becomes
   TIME_FACTOR times that, scaled by how fast this machine is (`machine_scale`: a fixed calibration loop timed here
-  against the machine that recorded), and never below FLOOR. So a student whose function loops forever loses a few
-  seconds per test that calls it, not the exercise.
+  against the machine that recorded), and never below FLOOR (FLOOR_CUDA with a GPU). So a student whose function
+  loops forever loses a few seconds per test that calls it, not the exercise.
 Teardown gets a quarter of the limit on top, so that fixtures still finalise after a test that used all of its time.
 
 Two mechanisms enforce it. In the test process, SIGPROF (CPU time) and SIGALRM (the wall backstop) raise
@@ -48,6 +48,10 @@ WALL_FACTOR = 6  # the wall-clock backstop: this many times the CPU deadline (a 
 WALL_EXTRA = 60.0  # ... plus this many seconds (a short limit must still survive a slow start)
 TIME_FACTOR = 20.0  # a recorded test may take this many times the reference's CPU time ...
 FLOOR = 6.0  # ... and never less than this many CPU seconds
+# With CUDA, a test's first use of a kernel costs CPU seconds that the recording (on a CPU, under the Triton
+# interpreter) never saw: Triton and cuBLAS compile or load kernels, CUDA graphs are captured, libraries that import
+# CUDA pieces lazily import them. An H100 machine spent over 6 CPU-s in one such import.
+FLOOR_CUDA = 30.0
 RECORDED_TIMES = "recorded_times.json"  # beside an exercise's tests: {"calibration": s, "tests": {nodeid: s}}
 SCALE_ENV = "INFERLAB_MACHINE_SCALE"  # the parent measures the machine once and hands its children the scale
 CALIBRATION_ROUNDS = 3
@@ -81,8 +85,14 @@ def limit_of(item, default: float) -> float:
     timed = {"speed", "host_speed"} & set(getattr(item, "fixturenames", ()))
     recorded = None if timed else recorded_time(Path(str(item.path)).parent, item.nodeid)
     if limit and recorded is not None:
-        limit = min(limit, round(max(FLOOR, TIME_FACTOR * recorded * machine_scale()), 1))
+        limit = min(limit, round(max(floor(), TIME_FACTOR * recorded * machine_scale()), 1))
     return limit
+
+
+def floor() -> float:
+    from .device import cuda_available
+
+    return FLOOR_CUDA if cuda_available() else FLOOR
 
 
 def recorded_time(folder: Path, nodeid: str) -> float | None:

@@ -41,6 +41,7 @@ SEEDING = pytest.StashKey[Seeding]()
 GUARD = pytest.StashKey[Guard]()
 LIMIT = pytest.StashKey[float]()
 POISONED = pytest.StashKey[list]()  # [nodeid] of the test that broke the CUDA context, once one has
+STOPPED_IN_IMPORT = pytest.StashKey[list]()  # [nodeid] of a test stopped by its limit inside an import
 TEST_START = pytest.StashKey[float]()  # CPU clock (limits.clock)
 TEST_WALL_START = pytest.StashKey[float]()
 TEST_LIMIT = pytest.StashKey[float]()
@@ -106,12 +107,14 @@ def pytest_configure(config: pytest.Config) -> None:
     timeout = config.getoption("test_timeout")
     config.stash[LIMIT] = limits.DEFAULT_TEST_LIMIT if timeout is None else timeout
     config.stash[POISONED] = []
+    config.stash[STOPPED_IN_IMPORT] = []
     if os.environ.get(CHANNEL_FD_ENV):
         from .reporter import ChildReporter
         from .sandbox_process import Sandbox
 
         impls.sandbox = config.stash[SANDBOX] = Sandbox(config.rootpath)
-        reporter = ChildReporter(config, impls, config.stash[SCORES], config.stash[POISONED])
+        reporter = ChildReporter(config, impls, config.stash[SCORES], config.stash[POISONED],
+                                 config.stash[STOPPED_IN_IMPORT])  # fmt: skip
         config.pluginmanager.register(reporter, "inferlab-reporter")
 
 
@@ -300,6 +303,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         report.longrepr = f"not implemented yet: {_stub_where(excinfo)}\n{excinfo.value}"
     elif excinfo is not None and excinfo.errisinstance(limits.TimeLimitExceeded):
         report.longrepr = limits.timeout_message(excinfo.value.seconds, _where(excinfo, config))
+        if _inside_an_import(excinfo.tb):
+            # A module stopped half-imported stays broken in sys.modules (its later users fail with odd errors):
+            # under `python -m grader` the rest of the tests run in a fresh process.
+            config.stash[STOPPED_IN_IMPORT].append(item.nodeid)
     elif excinfo is not None and graded:
         _explain_failure(item, report, excinfo)
     if report.skipped and report.when == "call" and exercise_of(item) is not None:
@@ -337,6 +344,16 @@ def _explain_failure(item: pytest.Item, report: pytest.TestReport, excinfo: pyte
     if memory:
         report.longrepr = f"{report.longreprtext}\n\n{failures.oom_note(memory)}"
         item.stash[OUT_OF_MEMORY] = True  # teardown lets go of the memory
+
+
+def _inside_an_import(tb) -> bool:
+    """Whether a module's body was running where the exception was raised: an import in progress (Python leaves
+    importlib's own frames out of tracebacks, but the imported module's `<module>` frame stays)."""
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "<module>":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _where(excinfo: pytest.ExceptionInfo, config: pytest.Config) -> str | None:

@@ -36,9 +36,11 @@ def _read_key(fd: int) -> bytes:
 
 
 class ChildReporter:
-    def __init__(self, config: pytest.Config, impls: Implementations, scores: Scoreboard, poisoned: list):
+    def __init__(self, config: pytest.Config, impls: Implementations, scores: Scoreboard, poisoned: list,
+                 stopped_in_import: list):  # fmt: skip
         self._scores = scores  # the plugin's: this module never imports the plugin (no import cycle)
         self._poisoned = poisoned
+        self._stopped_in_import = stopped_in_import
         self._sender = Sender(int(os.environ.pop(CHANNEL_FD_ENV)), _read_key(int(os.environ.pop(KEY_FD_ENV))))
         self._tracebacks = os.fdopen(int(os.environ.pop(TRACEBACK_FD_ENV)), "w")
         faulthandler.enable(file=self._tracebacks, all_threads=False)
@@ -89,10 +91,14 @@ class ChildReporter:
     def pytest_runtest_logfinish(self, nodeid: str, location) -> None:
         faulthandler.cancel_dump_traceback_later()
         test = self._scores.tests.get(nodeid)
+        # After a broken CUDA context, or a test stopped inside an import, this process is not fit to go on: the
+        # parent runs the remaining tests in a fresh one.
+        fresh = "a broken CUDA context" if self._poisoned else ""
+        fresh = fresh or ("a test stopped by its time limit inside an import" if self._stopped_in_import else "")
         self._sender.send("result", nodeid=nodeid, test=test.to_record() if test is not None else None,
-                          poisoned=bool(self._poisoned))  # fmt: skip
-        if self._poisoned and self._session is not None:
-            self._session.shouldstop = "the CUDA context is broken: the grader runs the remaining tests afresh"
+                          poisoned=bool(fresh), fresh=fresh)  # fmt: skip
+        if fresh and self._session is not None:
+            self._session.shouldstop = f"{fresh}: the grader runs the remaining tests afresh"
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:

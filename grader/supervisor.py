@@ -167,7 +167,7 @@ def grade_batch(batch: Batch, command: ChildCommand, scratch: Path, budget: Budg
                         f"{run.returncode})")  # fmt: skip
             break
         if rest:
-            cause = "a broken CUDA context" if run.poisoned else run.ending
+            cause = (run.fresh or "a broken CUDA context") if run.poisoned else run.ending
             batch.events.append(f"exercise {batch.exercise}: {len(rest)} test(s) run again in a fresh process "
                                 f"(after {cause})")  # fmt: skip
         pending = rest

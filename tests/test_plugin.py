@@ -179,6 +179,28 @@ def test_cli_keeps_grading_when_a_test_crashes_its_process(course, monkeypatch, 
     assert "SIGABRT" in tests["08 test_crash"]["output"]
 
 
+def test_a_test_stopped_inside_an_import_leaves_the_rest_to_a_fresh_process(course, monkeypatch, tmp_path):
+    """A limit that stops an import halfway leaves the process's modules half-made (an H100 run lost 33 tests of
+    exercise 01 to one cold `transformers` import stopped this way): the tests after it run in a fresh process."""
+    from grader import cli
+
+    package = course.path / "exercises/08/halfway"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("state = {'whole': True}\n")
+    (package / "slow.py").write_text("import halfway\n\nhalfway.state['whole'] = False\nwhile True:\n    pass\n")
+    (course.path / "solutions/08").mkdir()
+    (course.path / "exercises/08/test_import.py").write_text(
+        "def test_slow_import(impl):\n    import halfway.slow  # noqa: F401\n\n"
+        "def test_after(impl):\n    import halfway\n    assert halfway.state['whole']\n"
+    )
+    monkeypatch.setattr(cli, "ROOT", course.path)
+    results = tmp_path / "r.json"
+    assert cli.main(["08", "--impl", "solution", "--test-timeout", "2", "--results", str(results)]) == 0
+    tests = {t["name"]: t for t in json.loads(results.read_text())["tests"]}
+    assert "timed out" in tests["08 test_slow_import"]["output"]
+    assert tests["08 test_after"]["score"] == 1.0, tests["08 test_after"]["output"]
+
+
 def test_tests_that_never_ran_earn_nothing(course):
     results = course.path / "r.json"
     course.runpytest("--impl=solution", "--collect-only", f"--results={results}")

@@ -303,7 +303,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         report.longrepr = f"not implemented yet: {_stub_where(excinfo)}\n{excinfo.value}"
     elif excinfo is not None and excinfo.errisinstance(limits.TimeLimitExceeded):
         report.longrepr = limits.timeout_message(excinfo.value.seconds, _where(excinfo, config))
-        if _inside_an_import(excinfo.tb):
+        if _inside_an_import(excinfo.tb, config.stash[IMPLS].root):
             # A module stopped half-imported stays broken in sys.modules (its later users fail with odd errors):
             # under `python -m grader` the rest of the tests run in a fresh process.
             config.stash[STOPPED_IN_IMPORT].append(item.nodeid)
@@ -346,11 +346,14 @@ def _explain_failure(item: pytest.Item, report: pytest.TestReport, excinfo: pyte
         item.stash[OUT_OF_MEMORY] = True  # teardown lets go of the memory
 
 
-def _inside_an_import(tb) -> bool:
+def _inside_an_import(tb, impl_root) -> bool:
     """Whether a module's body was running where the exception was raised: an import in progress (Python leaves
-    importlib's own frames out of tracebacks, but the imported module's `<module>` frame stays)."""
+    importlib's own frames out of tracebacks, but the imported module's `<module>` frame stays). The code under
+    test's own import is left out: grader/impl.py remembers it and fails its later tests at once."""
+    root = str(impl_root)
     while tb is not None:
-        if tb.tb_frame.f_code.co_name == "<module>":
+        code = tb.tb_frame.f_code
+        if code.co_name == "<module>" and not code.co_filename.startswith(root):
             return True
         tb = tb.tb_next
     return False

@@ -7,11 +7,19 @@ y[m, n] = s_x[m] * s_w[n] * sum_k c_x[m, k] c_w[n, k]: the scales factor out of 
 the raw codes (exact products, float32 accumulation) and the scales are applied to the output tile
 (`torch._scaled_mm`, on GPUs with FP8 tensor cores: Ada and Hopper). Elsewhere the same arithmetic is emulated in
 float32.
+
+Quantizing the activations is part of every call, so it must cost one read of x and one write of the codes: in
+torch it is four passes over float32 temporaries (|x| max, x / s, clamp, cast), which on an H100 took longer than
+the FP8 matmul saved (a 2048-token prefill through Llama-3-8B's down projection ran at 0.6x of bf16). On CUDA one
+Triton program per token finds the row's max, then scales, saturates and casts it: the row's second read comes
+from L2.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
 SCALE_FLOOR = 1e-12  # a row of zeros still gets a positive scale
@@ -40,6 +48,37 @@ def quantize_e4m3(t: torch.Tensor, per_row: bool = True, scale: torch.Tensor | N
     scale = scale.float()
     # Saturate: a static (given) scale meets values beyond its range, and e4m3fn has no infinity to round them to.
     codes = (t / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(FP8)  # t / scale is float32: t's dtype promotes
+    return codes, scale
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c, FLOOR: tl.constexpr,
+                          MAX: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Program row: scale[row] = max(|x[row]|, FLOOR) / MAX, codes[row] = e4m3(clamp(x[row] / scale, +-MAX)), with
+    the same float32 arithmetic (IEEE division, round to nearest even) as quantize_e4m3."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
+    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), FLOOR), MAX)
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -MAX), MAX)
+        tl.store(codes_ptr + row * stride_c + offs, q.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=offs < K)
+
+
+def _quantize_rows_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_e4m3(x, per_row=True) for a CUDA x [M, K] whose rows are contiguous, in one pass."""
+    M, K = x.shape
+    codes = torch.empty((M, K), dtype=FP8, device=x.device)
+    scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    block = min(4096, triton.next_power_of_2(K))
+    _quantize_rows_kernel[(M,)](x, codes, scale, K, x.stride(0), codes.stride(0), FLOOR=SCALE_FLOOR, MAX=E4M3_MAX,
+                                BLOCK=block, num_warps=8 if block >= 2048 else 4)  # fmt: skip
     return codes, scale
 
 
@@ -72,9 +111,13 @@ def fp8_linear(
     if x.device != weight.device or weight_scale.device != weight.device:
         raise ValueError(f"fp8_linear: x, weight and weight_scale must share a device, got {x.device}, "
                          f"{weight.device}, {weight_scale.device}")  # fmt: skip
-    x_codes, x_scale = quantize_e4m3(x, per_row=per_token)
+    tensor_cores = scaled_mm_available(x.device) and K % 16 == 0 and N % 16 == 0
+    if tensor_cores and per_token and x.stride(1) == 1:
+        x_codes, x_scale = _quantize_rows_cuda(x)
+    else:
+        x_codes, x_scale = quantize_e4m3(x, per_row=per_token)
     w_scale = weight_scale.float()
-    if scaled_mm_available(x.device) and K % 16 == 0 and N % 16 == 0:
+    if tensor_cores:
         rowwise = per_token or w_scale.shape[0] != 1
         if rowwise:  # row-wise scaling takes both scales row-wise, and writes bf16
             x_scale, w_scale = x_scale.expand(x.shape[0], 1).contiguous(), w_scale.expand(N, 1).contiguous()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 
 import torch
 import triton
@@ -343,10 +344,9 @@ def _check_shapes(q, k_cache, v_cache, block_tables, context_lens, scale) -> tup
 
 
 def _validate(block_tables, context_lens, block_size: int, num_blocks: int):
-    """Launch _validate_kernel and queue its verdict's copy to the host; returns (verdict, event or None).
+    """Launch _validate_kernel; return its status [B, 2] and, on CUDA, an event recorded right after it.
 
-    Nothing waits here: the caller launches the attention first, then `_raise_for_verdict` waits for the verdict
-    only (a few microseconds of GPU work queued ahead of the attention), never for the attention itself.
+    Nothing waits here: the caller queues the attention next, then `_raise_for_verdict` fetches the verdict.
     """
     B, max_blocks = block_tables.shape
     status = torch.empty((B, 2), dtype=torch.int32, device=block_tables.device)
@@ -356,17 +356,39 @@ def _validate(block_tables, context_lens, block_size: int, num_blocks: int):
     )  # fmt: skip
     if status.device.type != "cuda":
         return status, None
-    verdict = torch.empty((B, 2), dtype=torch.int32, pin_memory=True)
-    verdict.copy_(status, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return verdict, ready
+    checked = torch.cuda.Event()
+    checked.record()
+    return status, checked
 
 
-def _raise_for_verdict(verdict, ready, block_tables, context_lens, block_size: int, num_blocks: int) -> None:
-    """Wait for the verdict (not for the attention); on bad input, read the values back to say what is wrong."""
-    if ready is not None:
-        ready.synchronize()
+_VERDICTS = threading.local()  # per thread: a pinned host buffer per batch size, and a side stream per device
+
+
+def _fetch_verdict(status: torch.Tensor, checked) -> torch.Tensor:
+    """The status on the host, waiting for the check kernel only. The copy runs on a side stream that waits for
+    the check's event, so the attention queued after the check on the caller's stream is neither waited for nor
+    delayed: on the caller's stream the GPU goes from the check straight to the attention, while the host waits
+    for a few microseconds of work. (A copy on the caller's stream would either wait for the attention, or, issued
+    before it, leave the GPU idle while the host allocates and copies.)"""
+    if not hasattr(_VERDICTS, "buffers"):
+        _VERDICTS.buffers, _VERDICTS.streams = {}, {}
+    device = status.device
+    side = _VERDICTS.streams.get(device)
+    if side is None:
+        side = _VERDICTS.streams[device] = torch.cuda.Stream(device, priority=-1)
+    verdict = _VERDICTS.buffers.get(status.shape)
+    if verdict is None:
+        verdict = _VERDICTS.buffers[status.shape] = torch.empty(status.shape, dtype=torch.int32, pin_memory=True)
+    side.wait_event(checked)
+    with torch.cuda.stream(side):
+        verdict.copy_(status, non_blocking=True)
+    side.synchronize()  # the copy, and the check it waited for; the status stays alive until then
+    return verdict
+
+
+def _raise_for_verdict(status, checked, block_tables, context_lens, block_size: int, num_blocks: int) -> None:
+    """Fetch the verdict (not waiting for the attention); on bad input, read the values back to say what is wrong."""
+    verdict = _fetch_verdict(status, checked) if checked is not None else status
     flags, bad_ids = verdict.sum(dim=0).tolist() if bool(verdict.any()) else (0, 0)
     if not flags and not bad_ids:
         return

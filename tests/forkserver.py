@@ -3,18 +3,18 @@
 A fresh `python -m pytest exercises/NN` spends several CPU-seconds importing its libraries before it runs a test,
 and a mutant's tests often take less than that: across the course's ~360 mutants the imports were most of the
 mutation stage's time. This process imports the libraries once; each run is a forked child that starts with them
-imported, takes the run's working directory, environment and sys.path, calls `pytest.main` and exits with its code.
+imported, takes the run's working directory and environment, calls `pytest.main` and exits with its code.
 
 Nothing that a run could change is imported before the fork: no course module, no grader module, and nothing that
 touches CUDA (a CUDA context does not survive a fork). Triton reads TRITON_INTERPRET when a kernel is decorated,
 which happens in the child, after its environment is set. CPU time and interval timers start from zero in a child,
 so the grader's CPU-time limits count only the run.
 
-Protocol, one JSON object per line: the parent writes {"args", "cwd", "env", "path", "log"}; this process answers
+Protocol, one JSON object per line: the parent writes {"args", "cwd", "env", "log"}; this process answers
 {"pid": child} at once and {"rc": exit code} when the child ends. The child leads its own process group, so a
 parent whose patience runs out kills the group, whatever the run started.
 
-    server = ForkServer(); rc = server.run(args, cwd=..., env=..., path=[...], log=..., timeout=300); server.close()
+    server = ForkServer(); rc = server.run(args, cwd=..., env=..., log=..., timeout=300); server.close()
 """
 
 from __future__ import annotations
@@ -37,10 +37,9 @@ class ForkServer:
         self.process = subprocess.Popen([sys.executable, "-u", __file__], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, bufsize=1)  # fmt: skip
 
-    def run(self, args: list[str], *, cwd: str, env: dict[str, str], path: list[str], log: str,
-            timeout: float) -> int | None:  # fmt: skip
+    def run(self, args: list[str], *, cwd: str, env: dict[str, str], log: str, timeout: float) -> int | None:
         """The run's exit code, or None if it ran past `timeout` seconds (then it is killed, with its group)."""
-        request = {"args": args, "cwd": cwd, "env": env, "path": path, "log": log}
+        request = {"args": args, "cwd": cwd, "env": env, "log": log}
         self.process.stdin.write(json.dumps(request) + "\n")
         pid = json.loads(self.process.stdout.readline())["pid"]
         deadline = time.monotonic() + timeout
@@ -72,7 +71,7 @@ def _child(request: dict) -> None:
         os.dup2(out, 1)
         os.dup2(out, 2)
         # `python -m pytest` puts the working directory first on sys.path, then $PYTHONPATH.
-        sys.path[:0] = [request["cwd"], *request["path"]]
+        sys.path[:0] = [request["cwd"], *filter(None, request["env"].get("PYTHONPATH", "").split(os.pathsep))]
         sys.argv = ["pytest", *request["args"]]
         import pytest
 

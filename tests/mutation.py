@@ -95,8 +95,7 @@ def run_mutant(exercise: str, mutant: Mutant, timeout: float = 300, server: Fork
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, env.get("PYTHONPATH")]))
         log = Path(tmp) / "pytest.log"
         if server is not None:
-            path = [tests_dir, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-            rc = server.run(args, cwd=str(ROOT), env=env, path=path, log=str(log), timeout=timeout)
+            rc = server.run(args, cwd=str(ROOT), env=env, log=str(log), timeout=timeout)
             output = log.read_text(errors="replace") if log.is_file() else ""
         else:
             try:

@@ -6,9 +6,11 @@ mutation stage's time. This process imports the libraries once; each run is a fo
 imported, takes the run's working directory and environment, calls `pytest.main` and exits with its code.
 
 Nothing that a run could change is imported before the fork: no course module, no grader module, and nothing that
-touches CUDA (a CUDA context does not survive a fork). Triton reads TRITON_INTERPRET when a kernel is decorated,
-which happens in the child, after its environment is set. CPU time and interval timers start from zero in a child,
-so the grader's CPU-time limits count only the run.
+touches CUDA (a CUDA context does not survive a fork). Triton takes part of its interpreter mode from
+TRITON_INTERPRET when it is imported (a kernel that calls another @triton.jit function then fails under the
+interpreter with "Cannot call @triton.jit'd outside of the scope of a kernel"), so the server is started with the
+environment its runs will have (`env`). CPU time and interval timers start from zero in a child, so the grader's
+CPU-time limits count only the run.
 
 Protocol, one JSON object per line: the parent writes {"args", "cwd", "env", "log"}; this process answers
 {"pid": child} at once and {"rc": exit code} when the child ends. The child leads its own process group, so a
@@ -33,8 +35,8 @@ PRELOAD = ("numpy", "torch", "triton", "transformers", "hypothesis", "pytest", "
 class ForkServer:
     """The parent's handle: one server process, one run at a time (use one per worker thread)."""
 
-    def __init__(self):
-        self.process = subprocess.Popen([sys.executable, "-u", __file__], stdin=subprocess.PIPE,
+    def __init__(self, env: dict[str, str] | None = None):
+        self.process = subprocess.Popen([sys.executable, "-u", __file__], stdin=subprocess.PIPE, env=env,
                                         stdout=subprocess.PIPE, text=True, bufsize=1)  # fmt: skip
 
     def run(self, args: list[str], *, cwd: str, env: dict[str, str], log: str, timeout: float) -> int | None:

@@ -127,11 +127,17 @@ def gradable_mutants(exercise: str) -> list[Mutant]:
 def run_all(exercise: str, workers: int = 2) -> list[Verdict]:
     """Every gradable mutant, `workers` at a time, each worker forking its runs from its own fork server (where the
     system forks): the libraries are imported once per worker instead of once per mutant."""
+    import torch
+
     local, servers = threading.local(), []
+    # The servers import triton: in the environment the grader gives its runs (the interpreter without CUDA).
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("TRITON_INTERPRET", "1")
 
     def grade(mutant: Mutant) -> Verdict:
         if not hasattr(local, "server"):
-            local.server = ForkServer() if hasattr(os, "fork") else None
+            local.server = ForkServer(env) if hasattr(os, "fork") else None
             servers.append(local.server)
         return run_mutant(exercise, mutant, server=local.server)
 
